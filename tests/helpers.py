@@ -1,0 +1,55 @@
+"""Shared test utilities: building matched parameter sets and comparing results."""
+
+from __future__ import annotations
+
+import torch
+
+
+def make_params(shapes, dtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in shapes:
+        if dtype.is_complex:
+            t = torch.randn((*shape, 2), generator=g, dtype=torch.float64)
+            t = torch.view_as_complex(t).to(dtype)
+        else:
+            t = torch.randn(tuple(shape), generator=g, dtype=torch.float64).to(dtype)
+        out.append(t.to(device))
+    return out
+
+
+def random_grads(params, seed, grad_dtype=None):
+    g = torch.Generator().manual_seed(seed)
+    grads = []
+    for p in params:
+        dtype = grad_dtype or p.dtype
+        if p.is_complex():
+            t = torch.view_as_complex(torch.randn((*p.shape, 2), generator=g, dtype=torch.float64))
+        else:
+            t = torch.randn(p.shape, generator=g, dtype=torch.float64)
+        grads.append(t.to(dtype).to(p.device))
+    return grads
+
+
+def set_grads(params, grads):
+    for p, g in zip(params, grads):
+        if g.dtype != p.dtype and hasattr(p, "grad_dtype"):
+            p.grad_dtype = None  # torch >= 2.10 checks grad dtypes unless told otherwise
+        p.grad = g.clone()
+
+
+def assert_close_rel(actual, expected, rtol, atol=0.0, what=""):
+    """Relative closeness; elements far below the tensor's scale are judged against rtol * max|expected|."""
+    a = torch.view_as_real(actual) if actual.is_complex() else actual
+    e = torch.view_as_real(expected) if expected.is_complex() else expected
+    a = a.detach().to("cpu", torch.float64)
+    e = e.detach().to("cpu", torch.float64)
+    if e.numel():
+        atol = max(atol, rtol * float(e.abs().max()))
+    torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """The gap from |x|, rounded to bfloat16, to the next bfloat16 value away from zero."""
+    x = x.to(torch.bfloat16).float().abs()
+    return (x.view(torch.int32) + (1 << 16)).view(torch.float32) - x

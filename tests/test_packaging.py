@@ -1,0 +1,45 @@
+"""The wheel: built from the checkout, installed in a clean virtual environment, imported from elsewhere."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import venv
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_wheel_installs_and_imports_outside_the_checkout(tmp_path):
+    wheel_dir = tmp_path / "wheel"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir), ROOT],
+        check=True, capture_output=True, timeout=600,
+    )
+    wheels = list(wheel_dir.glob("triton_adadelta-*.whl"))
+    assert len(wheels) == 1
+    import zipfile
+
+    names = zipfile.ZipFile(wheels[0]).namelist()
+    assert "triton_adadelta/kernels/adadelta.py" in names
+    assert not any(n.startswith("kernels/") for n in names), "must not install a top-level `kernels` package"
+
+    env_dir = tmp_path / "venv"
+    # System site packages give the venv torch and triton without a download; our package is not there.
+    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
+    py = str(env_dir / "bin" / "python")
+    subprocess.run([py, "-m", "pip", "install", "--no-deps", "-q", str(wheels[0])], check=True, timeout=600)
+    code = (
+        "import os, triton_adadelta, triton_adadelta.kernels as k, torch;"
+        "assert 'site-packages' in triton_adadelta.__file__, triton_adadelta.__file__;"
+        "assert os.path.dirname(k.__file__) == os.path.join(os.path.dirname(triton_adadelta.__file__), 'kernels');"
+        "p = [torch.randn(5)]; o = triton_adadelta.Adadelta(p); p[0].grad = torch.randn(5); o.step();"
+        "print('ok', float(o.state[p[0]]['step']))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    out = subprocess.run([py, "-c", code], cwd=str(tmp_path), capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok 1.0"
