@@ -19,7 +19,9 @@ import triton.language as tl
 # seed, an integer below 2**24 (exact in float32).
 HYPER_LR, HYPER_RHO, HYPER_OMR, HYPER_EPS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 HYPER_WD, HYPER_SIGN, HYPER_SEED = tl.constexpr(4), tl.constexpr(5), tl.constexpr(6)
-HYPER_COLS = tl.constexpr(7)
+# CLIP is Keras' clipvalue (+inf without one), read only when HAS_CLIP.
+HYPER_CLIP = tl.constexpr(7)
+HYPER_COLS = tl.constexpr(8)
 # Columns of the per-tensor table.
 META_OFFSET, META_NUMEL, META_STEP, META_GROUP = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 META_COLS = tl.constexpr(4)
@@ -46,12 +48,13 @@ def _round_nearest_bf16(x):
 
 
 @triton.jit
-def _round_stochastic_bf16(x, seed, idx):
-    """float32 -> bfloat16 without bias: add 16 random bits below the bf16 mantissa, then truncate.
+def _round_stochastic_bf16(x, rnd):
+    """float32 -> bfloat16 without bias: add the low 16 bits of ``rnd`` below the bf16 mantissa, truncate.
 
-    Inf stays Inf and a finite value never rounds up into Inf.
+    ``x`` rounds away from zero with probability equal to its distance from the value below, in
+    bf16 ulps. Inf stays Inf and a finite value never rounds up into Inf (it saturates).
     """
-    noise = tl.randint(seed, idx).to(tl.uint32) & 0xFFFF
+    noise = rnd & 0xFFFF
     bits = x.to(tl.uint32, bitcast=True)
     finite = tl.abs(x) <= 3.4028234663852886e38
     rounded = (bits + noise) & 0xFFFF0000
@@ -63,12 +66,56 @@ def _round_stochastic_bf16(x, seed, idx):
 
 
 @triton.jit
-def _store(ptr, value, mask, seed, idx, STOCHASTIC: tl.constexpr):
+def _round_stochastic_fp16(x, rnd):
+    """float32 -> float16 without bias, through arithmetic that is exact in float32.
+
+    float16 has 13 fewer mantissa bits than float32 and a smaller exponent range, so the bit trick
+    of bf16 fails below 2^-14; instead |x| is measured in float16 ulps (a power of two taken from
+    the exponent bits), and the fraction above the lower neighbour is compared with a 24-bit
+    uniform draw. Every product below is by a power of two, hence exact, and the final value is a
+    float16 value, so the cast does not round whatever the backend's conversion mode.
+    """
+    a = tl.abs(x)
+    exp = ((a.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32)
+    ulp_exp = tl.maximum(exp, 113) - 10  # 2^(e-10) in the normal range, 2^-24 (subnormal step) below
+    ulp = (ulp_exp << 23).to(tl.float32, bitcast=True)
+    scaled = a * ((254 - ulp_exp) << 23).to(tl.float32, bitcast=True)
+    whole = tl.floor(scaled)
+    u = (rnd >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
+    mag = tl.where(u < scaled - whole, whole + 1.0, whole) * ulp
+    mag = tl.minimum(mag, 65504.0)  # never round a finite value up into Inf
+    mag = tl.where(a >= 65536.0, float("inf"), mag)  # beyond float16's range: Inf, as a cast
+    bits = mag.to(tl.uint32, bitcast=True) | (x.to(tl.uint32, bitcast=True) & 0x80000000)
+    out = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    return out.to(tl.float16)
+
+
+@triton.jit
+def _random_bits(seed, ridx):
+    """Three uniform 32-bit words per element from one Philox-4x32-10 call.
+
+    Counter: the element's index in the flat state (64 bits in c0, c1); key: ``seed``.
+    reference.philox_bits draws the same words, so both paths round alike.
+    """
+    c0 = ridx.to(tl.uint32)
+    c1 = (ridx >> 32).to(tl.uint32)
+    zero = c0 * 0
+    r0, r1, r2, _ = tl.philox(seed, c0, c1, zero, zero)
+    return r0, r1, r2
+
+
+@triton.jit
+def _store(ptr, value, mask, rnd, STOCHASTIC: tl.constexpr):
     if ptr.dtype.element_ty == tl.bfloat16:
         if STOCHASTIC:
-            tl.store(ptr, _round_stochastic_bf16(value, seed, idx), mask=mask)
+            tl.store(ptr, _round_stochastic_bf16(value, rnd), mask=mask)
         else:
             tl.store(ptr, _round_nearest_bf16(value), mask=mask)
+    elif ptr.dtype.element_ty == tl.float16:
+        if STOCHASTIC:
+            tl.store(ptr, _round_stochastic_fp16(value, rnd), mask=mask)
+        else:
+            tl.store(ptr, value.to(tl.float16), mask=mask)
     else:
         tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
 
@@ -76,8 +123,8 @@ def _store(ptr, value, mask, seed, idx, STOCHASTIC: tl.constexpr):
 @triton.jit
 def _update_block(
     p_ptr, g_ptr, v_ptr, u_ptr, m_ptr, idx, mask, seed, ridx,
-    lr, rho, omr, eps, wd, sign, gscale,
-    MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
+    lr, rho, omr, eps, wd, sign, gscale, coef, clip,
+    HAS_CLIP: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
 ):
     if MASTER:
         p = tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32)
@@ -87,7 +134,13 @@ def _update_block(
     v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + idx, mask=mask, other=0.0).to(tl.float32)
 
-    g = g * gscale * sign
+    g = g * gscale
+    if HAS_CLIP:
+        # Keras' order on the unscaled gradient: clamp to clipvalue, then the norm clip's multiplier.
+        # NaN stays NaN (a plain max/min on the GPU would return the bound instead).
+        g = tl.minimum(tl.maximum(g, -clip, propagate_nan=tl.PropagateNan.ALL), clip,
+                       propagate_nan=tl.PropagateNan.ALL) * coef
+    g = g * sign
     if wd != 0.0:  # skipped entirely when 0, as torch does (0 * inf would be NaN)
         g = g + wd * p
     # The order of torch's operations, so that float32 results match it to the last bit or two.
@@ -96,14 +149,29 @@ def _update_block(
     u = u * rho + (omr * delta) * delta
     p = p - lr * delta
 
-    # `ridx` numbers the element within the bucket; three counters per element keep the streams apart.
-    _store(v_ptr + idx, v, mask, seed, ridx * 3 + 1, STOCHASTIC)
-    _store(u_ptr + idx, u, mask, seed, ridx * 3 + 2, STOCHASTIC)
+    # `ridx` numbers the element within its flat state: one Philox counter per element, three lanes.
+    if STOCHASTIC:
+        r_p, r_v, r_u = _random_bits(seed, ridx)
+    else:
+        r_p = 0
+        r_v = 0
+        r_u = 0
+    _store(v_ptr + idx, v, mask, r_v, STOCHASTIC)
+    _store(u_ptr + idx, u, mask, r_u, STOCHASTIC)
     if MASTER:
         tl.store(m_ptr + idx, p, mask=mask)
-        _store(p_ptr + idx, p, mask, seed, ridx * 3, False)
+        _store(p_ptr + idx, p, mask, r_p, False)
     else:
-        _store(p_ptr + idx, p, mask, seed, ridx * 3, STOCHASTIC)
+        _store(p_ptr + idx, p, mask, r_p, STOCHASTIC)
+
+
+@triton.jit
+def _stream_id(P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, MASTER: tl.constexpr):
+    """A number below 64 for the (parameter dtype, state dtype, master) of a flat state, so flat states
+    whose element indices overlap draw different random words. optimizer._rng_stream mirrors it."""
+    p_code: tl.constexpr = 0 if P_DTYPE == tl.float32 else (1 if P_DTYPE == tl.bfloat16 else 2)
+    s_code: tl.constexpr = 0 if S_DTYPE == tl.float32 else (1 if S_DTYPE == tl.bfloat16 else 2)
+    return p_code + 4 * s_code + 16 * MASTER
 
 
 @triton.jit
@@ -117,7 +185,7 @@ def adadelta_kernel(
     master,  # flat float32 master weights (read only when MASTER)
     steps,  # float32: per-tensor step counts, read for the seed (the host increments them afterwards)
     hyper,  # float32 [G, HYPER_COLS]
-    clip_coef,  # float32 [T]: per-tensor gradient scale (read only when HAS_CLIP)
+    clip_coef,  # float32 [T]: per-tensor gradient multiplier (read only when HAS_CLIP)
     grad_scale,  # float32 [1]: GradScaler scale (read only when HAS_SCALER)
     found_inf,  # float32 [1]: 1.0 when the step must change nothing (read only when HAS_SCALER)
     num_tensors,
@@ -146,15 +214,21 @@ def adadelta_kernel(
 
     skip = 0.0
     gscale = 1.0
+    coef = 1.0
+    clip = 0.0
     if HAS_SCALER:
         skip = tl.load(found_inf)
         gscale = 1.0 / tl.load(grad_scale)
     if HAS_CLIP:
-        gscale = gscale * tl.load(clip_coef + t)
+        coef = tl.load(clip_coef + t)
+        clip = tl.load(hyper + row + HYPER_CLIP)
     seed = 0
     if STOCHASTIC:
-        # A fresh Philox stream every step: the group's seed and the tensor's step count.
-        seed = tl.load(hyper + row + HYPER_SEED).to(tl.int64) * 16777259 + tl.load(steps + step_slot).to(tl.int64)
+        # Philox key: low word the tensor's step count (a fresh stream every step), high word the
+        # group's seed and the flat state's stream id; reference.PhiloxStream builds the same key.
+        stream = _stream_id(P_DTYPE, square_avg.dtype.element_ty, MASTER)
+        key1 = tl.load(hyper + row + HYPER_SEED).to(tl.int64) * 64 + stream
+        seed = key1 * 4294967296 + tl.load(steps + step_slot).to(tl.int64)
 
     if skip == 0.0:
         p_ptr = tl.load(param_table + t).to(tl.pointer_type(P_DTYPE))
@@ -172,10 +246,12 @@ def adadelta_kernel(
             idx = start + tl.arange(0, BLOCK)
             mask = idx < n  # the one mask: the tail of each tensor's last block
             _update_block(p_ptr, g_ptr, square_avg + offset, acc_delta + offset, master + offset, idx, mask,
-                          seed, offset + idx, lr, rho, omr, eps, wd, sign, gscale, MASTER, STOCHASTIC)
+                          seed, offset + idx, lr, rho, omr, eps, wd, sign, gscale, coef, clip,
+                          HAS_CLIP, MASTER, STOCHASTIC)
         else:
             idx = start + tl.arange(0, BLOCK)
             mask = idx < n
             _update_block(p_ptr, g_ptr, square_avg + offset, acc_delta + offset, master + offset, idx, mask,
-                          seed, offset + idx, lr, rho, omr, eps, wd, sign, gscale, MASTER, STOCHASTIC)
+                          seed, offset + idx, lr, rho, omr, eps, wd, sign, gscale, coef, clip,
+                          HAS_CLIP, MASTER, STOCHASTIC)
 

@@ -14,12 +14,17 @@ and the hyperparameter table are refreshed, and only when their contents change.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from .reference import real_view
+
+try:  # torch.distributed is missing from some builds (e.g. some macOS wheels)
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - depends on the torch build
+    DTensor = None  # type: ignore[assignment,misc]
 
 ALIGN = 64  # elements; a segment start is 128-byte aligned for 16-bit state, 256 for float32
 
@@ -31,6 +36,81 @@ class StateKey(NamedTuple):
     master: bool
 
 
+def is_dtensor(t: Tensor) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (FSDP2 and tensor-parallel parameters)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (``t.to_local()``), any other tensor as it is.
+
+    The optimizer updates shards in place: the local tensor of a DTensor parameter is the storage
+    FSDP2 all-gathers from, so writing into it is writing the parameter.
+    """
+    return t.to_local() if is_dtensor(t) else t
+
+
+def like_param(seg: Tensor, p: Tensor) -> Tensor:
+    """Wrap the local state segment ``seg`` as a DTensor with ``p``'s mesh, placements and global shape.
+
+    Passing shape and stride skips the collective that would otherwise infer them and keeps uneven
+    shards (FSDP2 pads the last ranks) right. A plain parameter gets ``seg`` back unchanged.
+    """
+    if not is_dtensor(p):
+        return seg
+    return DTensor.from_local(seg, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def shard_norm_hook(grads: list[Tensor], cache: dict) -> Optional[Callable[[Tensor, list[int]], Tensor]]:
+    """Complete per-tensor squared norms of sharded gradients across their mesh, for clipping.
+
+    Contract: ``hook(per, index)`` takes ``per[j]``, the squared norm of this rank's shard of
+    ``grads[index[j]]``, and returns ``per`` with every DTensor gradient's entry summed over the
+    mesh dimensions it is sharded on (all-reduce, SUM); entries of plain or replicated gradients
+    stay as they are (every rank holds the whole tensor). A sum of squares over shards is the
+    square of the full norm, so clipnorm and global_clipnorm then equal an unsharded run. Each group
+    of tensors sharded alike is reduced in one collective, laid out by gradient index, so ranks agree
+    however their launches are ordered. None when no gradient is sharded (nothing to reduce).
+    Partial placements (unreduced gradients) have no local norm and raise a RuntimeError.
+    """
+    groups: dict[tuple, tuple[Any, tuple[int, ...], list[int]]] = {}
+    for i, g in enumerate(grads):
+        if not is_dtensor(g):
+            continue
+        if any(pl.is_partial() for pl in g.placements):
+            raise RuntimeError(
+                f"gradient {i} is a DTensor with a Partial placement {tuple(g.placements)}: clipping needs "
+                "reduced gradients (Shard or Replicate); redistribute it before the optimizer step"
+            )
+        dims = tuple(d for d, pl in enumerate(g.placements) if pl.is_shard())
+        if dims:
+            groups.setdefault((id(g.device_mesh), dims), (g.device_mesh, dims, []))[2].append(i)
+    if not groups:
+        return None
+
+    def hook(per: Tensor, index: list[int]) -> Tensor:
+        import torch.distributed as dist
+
+        where = {i: j for j, i in enumerate(index)}
+        for mesh, dims, members in groups.values():
+            positions = [where[i] for i in members]
+            whole = positions == list(range(per.numel()))
+            if whole:  # every tensor sharded alike (FSDP2): reduce the vector in place
+                vals = per
+            else:
+                key = ("shard_positions", per.device, tuple(positions))
+                if key not in cache:
+                    cache[key] = upload(torch.tensor(positions, dtype=torch.int64), per.device)
+                vals = per.index_select(0, cache[key])
+            for d in dims:
+                dist.all_reduce(vals, group=mesh.get_group(d))
+            if not whole:
+                per = per.index_copy(0, cache[key], vals)
+        return per
+
+    return hook
+
+
 def _padded(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
@@ -39,7 +119,33 @@ def upload(host: Tensor, device: torch.device) -> Tensor:
     """Copy a small host table to ``device`` without a host-device synchronisation."""
     if device.type == "cpu":
         return host
+    refuse_during_capture(device, "a new launch table (a parameter without a warm-up step, or new groups)")
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def upload_into(dst: Tensor, host: Tensor) -> None:
+    """Overwrite the device table ``dst`` with ``host`` in place, without a host-device synchronisation."""
+    if dst.device.type == "cpu":
+        dst.copy_(host)
+    else:
+        refuse_during_capture(dst.device, "a launch table changed")
+        dst.copy_(host.pin_memory(), non_blocking=True)
+
+
+def refuse_during_capture(device: torch.device, what: str) -> None:
+    """Raise if the current CUDA stream is being captured: ``what`` would need a host-to-device copy.
+
+    A copy from host memory recorded in a CUDA graph would replay stale or freed host memory, so
+    every table the kernel reads must be final before capture (one eager warm-up step with the same
+    tensors). Only called when a table is about to change, so a plain step pays nothing for it.
+    """
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"{what} while a CUDA graph is being captured; the optimizer's device tables must be final "
+            "before capture. Run an eager warm-up step with the same parameters and gradient tensors "
+            "(keep gradients: zero_grad(set_to_none=False)), and change lr only through a tensor lr "
+            "(capturable=True makes it one; LR schedulers update it in place)."
+        )
 
 
 class FlatState:
@@ -78,7 +184,7 @@ class FlatState:
         size = self.size
         for p in new_params:
             offsets.append(size)
-            size += _padded(real_view(p).numel())
+            size += _padded(real_view(local(p)).numel())
 
         def grow(old: Tensor, n: int) -> Tensor:
             new = torch.zeros(n, dtype=old.dtype, device=old.device)
@@ -91,7 +197,7 @@ class FlatState:
         if self.master is not None:
             self.master = grow(self.master, size)
             for p, off in zip(new_params, offsets[len(self.params):]):
-                flat = real_view(p.detach()).reshape(-1)
+                flat = real_view(local(p.detach())).reshape(-1)
                 self.master[off: off + flat.numel()].copy_(flat)
         for p in new_params:
             self.index[id(p)] = len(self.params)
@@ -107,15 +213,21 @@ class FlatState:
         return seg.view(like.shape)
 
     def views(self, p: Tensor) -> dict[str, Tensor]:
-        """The state entries of ``p`` as views into the flat buffers, under torch's names."""
+        """The state entries of ``p`` as views into the flat buffers, under torch's names.
+
+        For a DTensor parameter the segments hold its local shard and are handed out as DTensors
+        with its mesh and placements (so torch.distributed.checkpoint saves them sharded); ``step``
+        stays a plain 0-d tensor, the same on every rank, as torch's optimizers keep it.
+        """
         i = self.index[id(p)]
+        shard = local(p)
         out = {
             "step": self.steps[i],
-            "square_avg": self._segment(self.square_avg, i, p),
-            "acc_delta": self._segment(self.acc_delta, i, p),
+            "square_avg": like_param(self._segment(self.square_avg, i, shard), p),
+            "acc_delta": like_param(self._segment(self.acc_delta, i, shard), p),
         }
         if self.master is not None:
-            out["master"] = self._segment(self.master, i, p)
+            out["master"] = like_param(self._segment(self.master, i, shard), p)
         return out
 
     def rebind(self, state: dict) -> None:
@@ -132,7 +244,7 @@ class LaunchPlan:
         self.flat = flat
         self.block = block
         self.num_tensors = len(params)
-        numels = [real_view(p).numel() for p in params]
+        numels = [real_view(local(p)).numel() for p in params]
         slots = [flat.index[id(p)] for p in params]
         meta = torch.tensor(
             [[flat.offsets[s], n, s, g] for s, n, g in zip(slots, numels, groups)], dtype=torch.int64
@@ -161,6 +273,7 @@ class LaunchPlan:
         gp = [g.data_ptr() for g in grads]
         ptrs = pp + gp
         if ptrs != self._pointers:
+            refuse_during_capture(self.flat.key.device, "a parameter or gradient tensor moved")
             aligned = [
                 int(a % 16 == 0 and b % 16 == 0 and real_view(p).numel() % vec == 0)
                 for a, b, p in zip(pp, gp, params)

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Mapping
 from copy import deepcopy
 from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
-from . import _triton
-from .buckets import FlatState, LaunchPlan, StateKey, upload
-from .reference import adadelta_update_, real_view
+from . import _triton, clipping, cpu_fused, validation
+from .buckets import FlatState, LaunchPlan, StateKey, is_dtensor, local, refuse_during_capture, upload, upload_into
+from .keras import EPS_DEFAULT, LR_DEFAULT, KerasOptimizerMixin, resolve_arguments
+from .reference import PhiloxStream, adadelta_update_, real_view
 
 __all__ = ["Adadelta"]
 
@@ -32,7 +34,50 @@ def _triton_dtype(dtype: torch.dtype) -> Any:
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
-class Adadelta(torch.optim.Optimizer):
+_SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+
+
+def _has_16bit_write(key: StateKey) -> bool:
+    """Does an update of this flat state round anything to 16 bits (a parameter without master, or state)?"""
+    return (key.param_dtype in _SIXTEEN_BIT and not key.master) or key.state_dtype in _SIXTEEN_BIT
+
+
+def _rng_stream(group: dict[str, Any], key: StateKey) -> int:
+    """High word of the Philox key: the group's seed and the flat state's id (kernels._stream_id).
+
+    Flat states number their elements from 0 each, so the id keeps their random words apart. The
+    device is deliberately not part of it: data-parallel replicas then round identically and stay equal.
+    """
+    stream = _DTYPE_CODE[key.param_dtype] + 4 * _DTYPE_CODE[key.state_dtype] + 16 * int(key.master)
+    return int(group["seed"]) * 64 + stream
+
+
+def _copy_state(dst: Tensor, src: Tensor, name: str) -> None:
+    """Copy a loaded state tensor into its flat-buffer view ``dst``.
+
+    A sharded (DTensor) state is copied shard to shard, redistributed first if the checkpoint's
+    placements differ; a full plain tensor loaded into sharded state is split the way the parameter
+    is (a collective: every rank loads). Anything else is a plain ``copy_``.
+    """
+    if is_dtensor(dst):
+        if is_dtensor(src):
+            if src.device_mesh != dst.device_mesh or tuple(src.placements) != tuple(dst.placements):
+                src = src.redistribute(dst.device_mesh, dst.placements)
+        elif src.shape == dst.shape:
+            from torch.distributed.tensor import distribute_tensor
+
+            src = distribute_tensor(src.to(dst.device), dst.device_mesh, dst.placements)
+        else:
+            raise ValueError(f"loaded state '{name}' has shape {tuple(src.shape)}, the parameter {tuple(dst.shape)}")
+        local(dst).copy_(local(src))
+    elif is_dtensor(src):
+        dst.copy_(src.full_tensor())
+    else:
+        dst.copy_(src)
+
+
+class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
     r"""Adadelta with flat state and a fused multi-tensor Triton update.
 
     A drop-in for :class:`torch.optim.Adadelta`: same arguments, defaults, validation, results
@@ -49,16 +94,20 @@ class Adadelta(torch.optim.Optimizer):
             float64 and complex parameters always keep state of their own precision.
         stochastic_rounding: write bf16 parameters and 16-bit state with unbiased stochastic rounding.
         master_weights: keep a float32 copy of bf16/fp16 parameters in the state and update that.
+        skip_nonfinite: when any gradient of a step holds NaN or Inf, skip the whole step (parameters,
+            state and step counts stay as they were), decided on the device without a host
+            synchronisation; :attr:`skipped_steps` counts such steps. One extra read of the gradients.
+            Off by default: then NaN/Inf gradients flow into the update exactly as in torch.
     """
 
     _step_supports_amp_scaling = True
 
     def __init__(
         self,
-        params: Any,
-        lr: Union[float, Tensor] = 1.0,
+        params: Any = None,
+        lr: Union[float, Tensor] = LR_DEFAULT,
         rho: float = 0.9,
-        eps: float = 1e-6,
+        eps: float = EPS_DEFAULT,
         weight_decay: float = 0,
         foreach: Optional[bool] = None,
         *,
@@ -69,14 +118,25 @@ class Adadelta(torch.optim.Optimizer):
         state_dtype: Optional[torch.dtype] = torch.float32,
         stochastic_rounding: bool = False,
         master_weights: bool = False,
+        skip_nonfinite: bool = False,
+        learning_rate: Any = None,
+        epsilon: Optional[float] = None,
+        name: str = "Adadelta",
+        clipnorm: Optional[float] = None,
+        clipvalue: Optional[float] = None,
+        global_clipnorm: Optional[float] = None,
+        decay: float = 0.0,
+        **kwargs: Any,
     ) -> None:
+        # Keras' names and arguments (keras.py): checked first, so a bad call changes nothing.
+        lr, eps, schedule, decay, clips = resolve_arguments(
+            lr, eps, learning_rate, epsilon, kwargs,
+            clipnorm=clipnorm, clipvalue=clipvalue, global_clipnorm=global_clipnorm, decay=decay)
         self._check_hyperparameters(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay)
-        if fused and differentiable:
-            raise RuntimeError("`fused` does not support `differentiable`")
-        if fused and foreach:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-        if state_dtype is not None and state_dtype not in _KERNEL_STATE_DTYPES + (torch.float64,):
-            raise TypeError(f"state_dtype must be a floating point dtype or None, got {state_dtype}")
+        validation.check_options(dict(foreach=foreach, capturable=capturable, maximize=maximize,
+                                      differentiable=differentiable, fused=fused, state_dtype=state_dtype,
+                                      stochastic_rounding=stochastic_rounding, master_weights=master_weights,
+                                      skip_nonfinite=skip_nonfinite))
         defaults = dict(
             lr=lr,
             rho=rho,
@@ -90,57 +150,87 @@ class Adadelta(torch.optim.Optimizer):
             state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding,
             master_weights=master_weights,
+            skip_nonfinite=skip_nonfinite,
             seed=random.Random(torch.initial_seed()).randrange(1 << 24),
+            decay=decay,
         )
         self._flats: dict[StateKey, FlatState] = {}
         self._plans: dict[tuple, LaunchPlan] = {}
         self._hyper: dict[torch.device, tuple[list, Tensor]] = {}
-        super().__init__(params, defaults)
+        self._skipped_steps: Optional[Tensor] = None  # device counter, created by the first checked step
+        self._master_from_param: list[Tensor] = []  # master weights to re-read from their parameter (loading)
+        super().__init__(self._keras_params(params), defaults)
+        self._keras_init(name=name, clips=clips, schedule=schedule)
 
     # ----------------------------------------------------------------------------- validation
     @staticmethod
     def _check_hyperparameters(**hp: Any) -> None:
-        """torch.optim.Adadelta's checks and messages."""
-        lr = hp.get("lr", 0.0)
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= hp.get("rho", 0.0) <= 1.0:
-            raise ValueError(f"Invalid rho value: {hp['rho']}")
-        if not 0.0 <= hp.get("eps", 0.0):
-            raise ValueError(f"Invalid epsilon value: {hp['eps']}")
-        if not 0.0 <= hp.get("weight_decay", 0.0):
-            raise ValueError(f"Invalid weight_decay value: {hp['weight_decay']}")
+        """torch.optim.Adadelta's checks and messages, plus NaN/Inf and type checks (see validation)."""
+        validation.check_hyperparameters(**hp)
+
+    @staticmethod
+    def _kernel_unavailable(device: torch.device) -> Optional[str]:
+        """None when the kernel can run on ``device``, else why not (for error messages)."""
+        if _triton.kernel_device_ok(device):
+            return None
+        if not _triton.HAS_TRITON:
+            return "triton is not installed"
+        return "set TRITON_INTERPRET=1 to run the kernel on CPU tensors"
+
+    def _state_names(self, group: dict[str, Any], p: Tensor) -> tuple[set[str], set[str]]:
+        """(required, allowed) names of a non-empty saved state entry of ``p`` in ``group``.
+
+        Subclasses or layers that keep more per-parameter state (user slots) extend ``allowed``.
+        """
+        required = {"step", "square_avg", "acc_delta"}
+        allowed = set(required)
+        if self._state_key(group, local(p)).master:
+            allowed.add("master")
+        allowed |= self._keras_state_names()  # add_slot's user slots
+        return required, allowed
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self._check_hyperparameters(**{k: param_group[k] for k in ("lr", "rho", "eps", "weight_decay")
-                                       if k in param_group})
+        """Add a param group (torch's contract), validated first: a bad group changes nothing."""
+        validation.check_param_group(param_group, self.defaults, self.param_groups, self._kernel_unavailable)
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        if group["fused"]:
-            for p in group["params"]:
-                if not _triton.kernel_device_ok(p.device):
-                    if not _triton.HAS_TRITON:
-                        why = "triton is not installed"
-                    else:
-                        why = "set TRITON_INTERPRET=1 to run the kernel on CPU tensors"
-                    raise RuntimeError(
-                        f"`fused=True` requires CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); "
-                        f"got a parameter on {p.device}: {why}"
-                    )
+        if self.param_groups[-1]["capturable"]:
+            self._device_lr(self.param_groups[-1])
         self._plans.clear()
         self._hyper.clear()
+
+    @staticmethod
+    def _device_lr(group: dict[str, Any]) -> None:
+        """capturable=True: keep ``group["lr"]`` a 0-d tensor on the device of the group's parameters.
+
+        The kernel then reads lr on the device (a CUDA graph replays that read), and LR schedulers
+        ``fill_`` a tensor lr in place, so a schedule keeps working under graph replay. Called when a
+        group is added and at every step, to catch an lr replaced by a number (a loaded state_dict,
+        a user's assignment); a tensor is moved without a host read.
+        """
+        if not group["params"]:
+            return
+        device = local(group["params"][0]).device
+        lr = group["lr"]
+        if isinstance(lr, Tensor) and lr.device == device:
+            return
+        wide = any(_real_dtype(p) == torch.float64 for p in group["params"])
+        dtype = torch.float64 if wide else torch.float32
+        if isinstance(lr, Tensor):
+            group["lr"] = lr.detach().to(device=device, dtype=dtype, copy=True).reshape(())
+        else:
+            group["lr"] = torch.tensor(float(lr), dtype=dtype, device=device)
 
     # ----------------------------------------------------------------------------- pickling
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_flats"] = self._flats
+        state["_skipped_steps"] = self._skipped_steps
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_flats", {})
+        self.__dict__.setdefault("_skipped_steps", None)
         self._plans = {}
         self._hyper = {}
         for group in self.param_groups:
@@ -183,62 +273,76 @@ class Adadelta(torch.optim.Optimizer):
         """Load a state_dict written by this class or by torch.optim.Adadelta.
 
         Saved tensors are copied into the flat buffers (cast to their state dtype), which stay flat.
+        Everything is checked first (group count and sizes, hyperparameters, state keys, shapes,
+        dtypes: see :func:`validation.check_state_dict`), and a failure while loading restores the
+        previous state, so a state_dict that does not fit changes nothing.
         """
-        state_dict = state_dict.copy()
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        state_dict = dict(state_dict)
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             out = pre_hook(self, state_dict)
             if out is not None:
                 state_dict = out
-        groups = self.param_groups
-        saved_groups = deepcopy(state_dict["param_groups"])
-        if len(groups) != len(saved_groups):
-            raise ValueError("loaded state dict has a different number of parameter groups")
-        for g, sg in zip(groups, saved_groups):
-            if len(g["params"]) != len(sg["params"]):
-                raise ValueError(
-                    "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
-                )
+        if "param_groups" in state_dict:  # the saved settings must not alias the caller's (a tensor lr, say)
+            state_dict["param_groups"] = deepcopy(state_dict["param_groups"])
+        new_groups = validation.check_state_dict(state_dict, self.param_groups, self._state_names,
+                                                 self._kernel_unavailable)
+        group_of = {id(p): g for g in new_groups for p in g["params"]}
         id_map = {
-            old_id: p for g, sg in zip(groups, saved_groups) for old_id, p in zip(sg["params"], g["params"])
+            old_id: p for g, sg in zip(self.param_groups, state_dict["param_groups"])
+            for old_id, p in zip(sg["params"], g["params"])
         }
         saved_state = state_dict["state"]
-        for k in saved_state:
-            if k not in id_map:
-                raise ValueError(f"loaded state dict has state for an unknown parameter index {k}")
 
-        new_groups = []
-        for g, sg in zip(groups, saved_groups):
-            merged = dict(g)
-            merged.update({k: v for k, v in sg.items() if k != "params"})
-            new_groups.append(merged)
-        group_of = {id(p): g for g in new_groups for p in g["params"]}
-
-        # Build the new state first: a failure above or here leaves the optimizer as it was.
+        previous = (self.state, self._flats, self.param_groups, self._skipped_steps)
         self.state = defaultdict(dict)
+        self._master_from_param = []
         self._flats = {}
         self._plans.clear()
         self._hyper.clear()
         self.param_groups = new_groups
-        with torch.no_grad():
-            loaded = [(k, id_map[k], v) for k, v in saved_state.items()]
-            by_group: dict[int, list[Tensor]] = defaultdict(list)
-            for _, p, _ in loaded:
-                by_group[id(group_of[id(p)])].append(p)
-            self._ensure_state([(g, by_group[id(g)]) for g in new_groups if by_group[id(g)]])
-            for _, p, saved in loaded:
-                st = self.state[p]
-                for name, value in saved.items():
-                    if name in ("square_avg", "acc_delta", "master", "step") and name in st:
-                        st[name].copy_(value.detach())
-                    else:
-                        st[name] = deepcopy(value)
+        try:
+            with torch.no_grad():
+                loaded = [(k, id_map[k], v) for k, v in saved_state.items() if len(v)]
+                # One parameter at a time in the saved order: state_dict() lists state in the order
+                # it was created, so the flat layout (and with it the stochastic-rounding streams,
+                # which follow the flat offsets) comes back exactly as it was before saving.
+                self._ensure_state([(group_of[id(p)], [p]) for _, p, _ in loaded])
+                for _, p, saved in loaded:
+                    st = self.state[p]
+                    master = saved.get("master")
+                    if "master" in st and not (isinstance(master, Tensor) and master.dtype == torch.float32):
+                        # No float32 master saved (a torch.optim.Adadelta state_dict: it carries ours along
+                        # cast to the parameter dtype, and stale): take the parameter's value at the next
+                        # step, when a model checkpoint loaded after this call has been loaded too.
+                        self._master_from_param.append(p)
+                        saved = {k: v for k, v in saved.items() if k != "master"}
+                    for name, value in saved.items():
+                        if name in ("square_avg", "acc_delta", "master", "step") and name in st:
+                            if not isinstance(value, Tensor):  # a Python number step (older torch)
+                                value = torch.tensor(float(value))
+                            _copy_state(st[name], value.detach(), name)
+                        else:
+                            st[name] = deepcopy(value)
+                if "skipped_steps" in state_dict:
+                    first = next((p for g in new_groups for p in g["params"]), None)
+                    dev = first.device if first is not None else torch.device("cpu")
+                    self._skipped_steps = torch.as_tensor(state_dict["skipped_steps"]).detach().to(
+                        dev, torch.int64, copy=True).reshape(())
+        except BaseException:
+            self.state, self._flats, self.param_groups, self._skipped_steps = previous
+            self._plans.clear()
+            self._hyper.clear()
+            raise
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
     # ----------------------------------------------------------------------------- step
     def _group_lr(self, group: dict[str, Any]) -> Union[float, Tensor]:
-        """The learning rate of this step for ``group`` (the Keras layer adds decay and schedules)."""
-        return group["lr"]
+        """The learning rate of this step for ``group``: ``lr`` (or the Keras schedule's value at
+        ``iterations``) divided by ``1 + decay * iterations`` (keras.py)."""
+        return self._keras_lr(group)
 
     def _use_kernel(self, group: dict[str, Any], p: Tensor, g: Tensor) -> bool:
         fused = group["fused"]
@@ -254,37 +358,83 @@ class Adadelta(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _hyper_table(self, device: torch.device) -> Tensor:
-        """[G, 7] float32 on ``device``: lr, rho, 1 - rho, eps, weight_decay, sign, seed of every group."""
+        """[G, 8] float32 on ``device``: lr, rho, 1 - rho, eps, weight_decay, sign, seed, clipvalue of every group.
+
+        clipvalue (Keras') is +inf when there is none; the kernel reads it only when it clips.
+        """
+        clip_value = getattr(self, "clipvalue", None)
+        clip_value = float("inf") if clip_value is None else float(clip_value)
         rows, tensor_lrs = [], []
         for i, group in enumerate(self.param_groups):
             lr = self._group_lr(group)
             if isinstance(lr, Tensor):
-                if lr.device == device and device.type != "cpu":
+                # A CPU lr for CPU parameters is cheaper read on the host, except under capturable,
+                # which promises no host read of a tensor at all.
+                if lr.device == device and (device.type != "cpu" or group["capturable"]):
                     tensor_lrs.append((i, lr))
                     lr = 0.0
                 else:
                     lr = float(lr)
             rows.append([float(lr), float(group["rho"]), 1.0 - float(group["rho"]), float(group["eps"]),
                          float(group["weight_decay"]),
-                         -1.0 if group["maximize"] else 1.0, float(group["seed"])])
+                         -1.0 if group["maximize"] else 1.0, float(group["seed"]), clip_value])
         cached = self._hyper.get(device)
-        if cached is None or cached[0] != rows:
-            table = upload(torch.tensor(rows, dtype=torch.float32), device)
-            self._hyper[device] = (rows, table)
+        if cached is None or len(cached[0]) != len(rows):
+            self._hyper[device] = (rows, upload(torch.tensor(rows, dtype=torch.float32), device))
+        elif cached[0] != rows:
+            # Rewritten in place: a CUDA graph captured earlier keeps reading a live buffer.
+            refuse_during_capture(device, "a hyperparameter (rho, eps, weight_decay, maximize or a float lr) changed")
+            upload_into(cached[1], torch.tensor(rows, dtype=torch.float32))
+            self._hyper[device] = (rows, cached[1])
         table = self._hyper[device][1]
         for i, lr in tensor_lrs:  # a device lr is read on the device: no synchronisation
             table[i, 0].copy_(lr.reshape(()))
         return table
 
+    @torch.no_grad()
+    def _refresh_masters(self) -> None:
+        """master = parameter for the parameters load_state_dict found without a float32 master copy."""
+        pending = getattr(self, "_master_from_param", None)
+        while pending:
+            p = pending.pop()
+            st = self.state.get(p, {})
+            if "master" in st:
+                local(st["master"]).copy_(local(p).detach())
+
+    def _scaler_tensors(
+        self, device: torch.device, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """GradScaler's scale and inf flag as float32 tensors on ``device`` (1 and 0 where absent).
+
+        A scaler may live on another device than some parameters (model parallel): the copies are
+        non-blocking device-to-device transfers, never a host read.
+        """
+        def on(t: Optional[Tensor], fill: float) -> Tensor:
+            if t is None:
+                return torch.full((1,), fill, dtype=torch.float32, device=device)
+            return t.to(device=device, dtype=torch.float32, non_blocking=True).reshape(1)
+
+        return on(grad_scale, 1.0), on(found_inf, 0.0)
+
     def _grad_transforms(
-        self, params: list[Tensor], grads: list[Tensor]
-    ) -> Optional[list[Tensor]]:
-        """Per-tensor gradient multipliers (clipping) as 0-d tensors, or None for none at all."""
-        return None
+        self, entries: list[tuple[int, dict, Tensor, Tensor]], grad_scale: Optional[Tensor]
+    ) -> Optional[clipping.GradientTransform]:
+        """The step's gradient transform (Keras clipping), or None for none at all.
+
+        Entry ``i`` is updated with ``clamp(g, -coefs.clip_value, coefs.clip_value) * coefs[i]``;
+        ``coefs.table(indices, device)`` is a launch's float32 multiplier table. ``p.grad`` is not changed.
+        """
+        return self._keras_grad_transforms(entries, grad_scale)
 
     def _after_step(self, found_inf: Optional[Tensor]) -> None:
-        """Called once after every step() that updated something."""
+        """Called once after every step() that updated something: Keras' iterations += 1 (not when
+        ``found_inf`` is set), on the device."""
+        self._keras_after_step(found_inf)
 
+    # torch.compile: the step is a clean graph break. Dynamo would otherwise trace into the host-side
+    # bookkeeping (dicts keyed by id(), pointer tables, the Triton launch) and guard on it; run eagerly,
+    # it is one kernel launch per bucket anyway, and the compiled graphs around it are reused every step.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(
         self,
@@ -310,20 +460,25 @@ class Adadelta(torch.optim.Optimizer):
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
 
+        # Everything is checked before anything is written (metadata only: no synchronisation).
+        validation.check_step(self.param_groups, self.state, grad_scale, found_inf)
         entries: list[tuple[int, dict, Tensor, Tensor]] = []
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Adadelta does not support sparse gradients")
-                entries.append((gi, group, p, p.grad))
+                if p.grad is not None:
+                    entries.append((gi, group, p, p.grad))
         if not entries:
             return loss
+        if any(group.get("skip_nonfinite", False) for group in self.param_groups):
+            found_inf = self._nonfinite_found_inf([e[3] for e in entries], found_inf)
+        for group in self.param_groups:
+            if group["capturable"]:
+                self._device_lr(group)
         self._ensure_state(
             [(group, [p for _, gg, p, _ in entries if gg is group]) for group in self.param_groups]
         )
-        coefs = self._grad_transforms([e[2] for e in entries], [e[3] for e in entries])
+        self._refresh_masters()
+        coefs = self._grad_transforms(entries, grad_scale)
 
         if any(group["differentiable"] for group in self.param_groups):
             with torch.enable_grad():
@@ -331,7 +486,8 @@ class Adadelta(torch.optim.Optimizer):
         else:
             kernel_entries, torch_entries = [], []
             for i, e in enumerate(entries):
-                (kernel_entries if self._use_kernel(e[1], e[2], e[3]) else torch_entries).append((i, e))
+                # DTensor parameters (FSDP2) are judged and updated by their local shard.
+                (kernel_entries if self._use_kernel(e[1], local(e[2]), local(e[3])) else torch_entries).append((i, e))
             if kernel_entries:
                 self._step_kernel(kernel_entries, coefs, grad_scale, found_inf)
             if torch_entries:
@@ -339,13 +495,73 @@ class Adadelta(torch.optim.Optimizer):
         self._after_step(found_inf)
         return loss
 
+    @property
+    def skipped_steps(self) -> Tensor:
+        """Steps skipped by ``skip_nonfinite`` (NaN/Inf gradients, or GradScaler's found_inf), as a 0-d
+        int64 tensor on the device of the gradients. Reading its value is the caller's synchronisation.
+        Saved in the state_dict under ``"skipped_steps"`` once a checked step has run."""
+        if self._skipped_steps is None:
+            return torch.zeros((), dtype=torch.int64)
+        return self._skipped_steps
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state_dict (per-parameter dicts copied, tensors shared as in torch), plus
+        ``"skipped_steps"`` once ``skip_nonfinite`` has checked a step."""
+        sd = super().state_dict()
+        # torch hands out its live per-parameter dicts: editing the result would edit the optimizer.
+        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
+        for entry in sd["state"].values():
+            for name, value in entry.items():
+                # Complex state is a complex view of a real flat buffer that real parameters share;
+                # torch.save refuses one storage seen as two dtypes, so such entries are copied.
+                if isinstance(value, Tensor) and value.is_complex() and not is_dtensor(value):
+                    entry[name] = value.clone()
+        if self._skipped_steps is not None:
+            sd["skipped_steps"] = self._skipped_steps.clone()
+        return sd
+
+    def _nonfinite_found_inf(self, grads: list[Tensor], found_inf: Optional[Tensor]) -> Tensor:
+        """The found_inf of this step: 1.0 when any gradient is non-finite (or ``found_inf`` is set).
+
+        Everything stays on the device: the flag feeds the same skip that GradScaler's found_inf
+        drives (the kernel exits early, step counts are not advanced), and the skip counter is
+        advanced by the flag itself.
+        """
+        device = local(grads[0]).device
+        bad = validation.nonfinite_flag([local(g) for g in grads], device)
+        meshes = {id(g.device_mesh): g.device_mesh for g in grads if is_dtensor(g)}
+        if meshes:
+            # Sharded gradients: every rank must take the same decision, or the replicas diverge.
+            import torch.distributed as dist
+
+            flag = bad.to(torch.int32).reshape(1)
+            for mesh in meshes.values():
+                for dim in range(mesh.ndim):
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+            bad = flag.reshape(()) != 0
+        if found_inf is not None:
+            bad = bad | (found_inf.to(device).reshape(()) != 0)
+        counter = self._skipped_steps
+        if counter is None:
+            counter = torch.zeros((), dtype=torch.int64, device=device)
+        elif counter.device != device:
+            counter = counter.to(device)
+        counter.add_(bad)
+        self._skipped_steps = counter
+        return bad.to(torch.float32)
+
     def _step_torch(self, entries, coefs, grad_scale, found_inf) -> None:
         """differentiable=True: torch's own functional Adadelta, so autograd sees every operation."""
         from torch.optim.adadelta import adadelta
 
+        if found_inf is not None and bool(found_inf.reshape(()) != 0):  # a skipped step (host read, as below)
+            return
+
         for i, (_, group, p, g) in enumerate(entries):
             st = self.state[p]
-            g = g if coefs is None else g * coefs[i]
+            if grad_scale is not None:  # GradScaler left the gradients scaled: unscale them here
+                g = g / grad_scale.to(g.device).reshape(())
+            g = g if coefs is None else coefs.apply(g, i)
             adadelta([p], [g], [st["square_avg"]], [st["acc_delta"]], [st["step"]],
                      lr=self._group_lr(group), rho=group["rho"], eps=group["eps"],
                      weight_decay=group["weight_decay"], maximize=group["maximize"],
@@ -353,59 +569,84 @@ class Adadelta(torch.optim.Optimizer):
 
     def _step_reference(self, indexed_entries, coefs, grad_scale, found_inf) -> None:
         """The PyTorch path: the reference update, tensor by tensor."""
-        # A GradScaler step with inf gradients changes nothing; this is the PyTorch path's one host
-        # read (the kernel path needs none).
-        if found_inf is not None and bool(found_inf.reshape(()) != 0):
+        # A GradScaler step with inf gradients changes nothing. Without capturable that is decided by
+        # one host read; capturable=True promises none, so there the skip is a select on the device.
+        on_device = found_inf is not None and any(e[1]["capturable"] for _, e in indexed_entries)
+        if found_inf is not None and not on_device and bool(found_inf.reshape(()) != 0):
             return
+        clip_value = None if coefs is None else coefs.clip_value
+        if not on_device and clip_value is None:
+            # Large CPU steps take the compiled fast path (one fused pass per tensor); it hands back
+            # what it does not take (small steps, other devices and dtypes, stochastic rounding).
+            # It has no clamp, so Keras' clipvalue keeps a step on this path.
+            indexed_entries = cpu_fused.step_(self, indexed_entries, coefs, grad_scale)
         for i, (_, group, p, g) in indexed_entries:
             st = self.state[p]
             lr = self._group_lr(group)
-            generator = None
+            if isinstance(lr, Tensor) and not group["capturable"]:
+                lr = float(lr)
+            rng = None
             if group["stochastic_rounding"]:
-                generator = torch.Generator(device=p.device)
+                # The kernel's Philox stream (see _rng_stream): both paths round the same way.
                 flat = self._flat_of(p)
-                generator.manual_seed(
-                    (int(group["seed"]) * 16777259 + int(st["step"])) * 1000003 + flat.offsets[flat.index[id(p)]]
-                )
+                rng = PhiloxStream(st["step"].to(torch.int64), _rng_stream(group, flat.key),
+                                   flat.offsets[flat.index[id(p)]])
+            master = st.get("master")
+            targets = [local(p), local(st["square_avg"]), local(st["acc_delta"])]
+            if master is not None:
+                targets.append(local(master))
+            # On-device skip: update copies, then keep the old or the new values (this fallback path
+            # only; the kernel exits early on found_inf instead).
+            work = [t.clone() for t in targets] if on_device else targets
             adadelta_update_(
-                p, g, st["square_avg"], st["acc_delta"],
-                lr=float(lr) if isinstance(lr, Tensor) else lr,
+                work[0], local(g), work[1], work[2],
+                lr=lr,
                 rho=group["rho"], eps=group["eps"], weight_decay=group["weight_decay"],
                 maximize=group["maximize"], grad_scale=grad_scale,
-                clip_coef=None if coefs is None else coefs[i],
-                master=st.get("master"), stochastic_rounding=group["stochastic_rounding"], generator=generator,
+                clip_coef=None if coefs is None else coefs[i], clip_value=clip_value,
+                master=work[3] if master is not None else None,
+                stochastic_rounding=group["stochastic_rounding"], rng=rng,
             )
-            st["step"].add_(1)
+            if on_device:
+                skip = found_inf.to(st["step"].device).reshape(()) != 0
+                for t, w in zip(targets, work):
+                    t.copy_(torch.where(skip.to(t.device), t, w))
+                st["step"].add_((~skip).to(st["step"].dtype))
+            else:
+                st["step"].add_(1)
 
     def _step_kernel(self, indexed_entries, coefs, grad_scale, found_inf) -> None:
         """The fused path: one launch per (flat state, gradient dtype)."""
         buckets: dict[tuple, list] = defaultdict(list)
         for i, (gi, group, p, g) in indexed_entries:
             flat = self._flat_of(p)
-            # Groups share a launch; only the stochastic-rounding switch (a compile-time branch) splits one.
-            buckets[(flat.key, _real_dtype(g), bool(group["stochastic_rounding"]))].append((i, gi, group, p, g))
+            # Groups share a launch; only the stochastic-rounding switch (a compile-time branch) splits one,
+            # and it is off where the bucket has no 16-bit write to round (no random numbers drawn).
+            stochastic = bool(group["stochastic_rounding"]) and _has_16bit_write(flat.key)
+            buckets[(flat.key, _real_dtype(g), stochastic)].append((i, gi, group, p, g))
         kernel = _triton.adadelta_kernel()
         for (key, gdtype, stochastic), items in buckets.items():
             flat = self._flats[key]
             params = [it[3] for it in items]
-            grads = [real_view(it[4]) for it in items]
+            grads = [real_view(local(it[4])) for it in items]
             plan_key = (key, gdtype, stochastic, tuple(id(p) for p in params), tuple(it[1] for it in items))
             plan = self._plans.get(plan_key)
             if plan is None:
                 plan = self._plans[plan_key] = LaunchPlan(flat, params, [it[1] for it in items], _BLOCK)
             vec = 16 // min(key.param_dtype.itemsize, gdtype.itemsize)
-            pointers = plan.refresh_pointers([real_view(p) for p in params], grads, vec)
+            pointers = plan.refresh_pointers([real_view(local(p)) for p in params], grads, vec)
             hyper = self._hyper_table(key.device)
             has_clip = coefs is not None
-            clip = torch.stack([coefs[it[0]] for it in items]).to(torch.float32) if has_clip else hyper
+            # A slice of the step's multiplier vector when this launch's entries are adjacent in it.
+            clip = clipping.clip_table(coefs, [it[0] for it in items], key.device) if has_clip else hyper
             has_scaler = grad_scale is not None or found_inf is not None
-            scale = grad_scale if grad_scale is not None else torch.ones((), device=key.device)
-            inf = found_inf if found_inf is not None else torch.zeros((), device=key.device)
+            if has_scaler:
+                scale, inf = self._scaler_tensors(key.device, grad_scale, found_inf)
             master = flat.master if flat.master is not None else flat.square_avg
             kernel[(plan.num_chunks,)](
                 pointers, plan.tensor_meta, plan.chunk_tensor, plan.chunk_block,
                 flat.square_avg, flat.acc_delta, master, flat.steps, hyper, clip,
-                scale.to(torch.float32) if has_scaler else hyper, inf.to(torch.float32) if has_scaler else hyper,
+                scale if has_scaler else hyper, inf if has_scaler else hyper,
                 plan.num_tensors,
                 P_DTYPE=_triton_dtype(key.param_dtype), G_DTYPE=_triton_dtype(gdtype),
                 BLOCK=_BLOCK, VEC=vec, HAS_CLIP=has_clip, HAS_SCALER=has_scaler,
@@ -413,4 +654,4 @@ class Adadelta(torch.optim.Optimizer):
                 num_warps=_NUM_WARPS,
                 enable_fp_fusion=False,  # no FMA contraction: the same rounding as torch's operations
             )
-            plan.increment_steps(found_inf)
+            plan.increment_steps(inf if has_scaler else None)

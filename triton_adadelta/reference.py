@@ -3,7 +3,7 @@
 This module is both the CPU path of :class:`triton_adadelta.Adadelta` and the oracle that every
 test compares the fused Triton kernel against. For one tensor and its gradient ``g``::
 
-    g  = clip_coef * (g / grad_scale)          (both optional, 1 when absent)
+    g  = clip_coef * clamp(g / grad_scale, -clip_value, clip_value)   (each optional)
     g  = -g if maximize
     g  = g + weight_decay * p                   (coupled weight decay, only when weight_decay != 0)
     v  = rho * v + (1 - rho) * g * g            (square_avg,  Keras: accum_grad)
@@ -17,7 +17,7 @@ whatever the storage dtypes of the state are. Complex tensors are updated as rea
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -27,6 +27,9 @@ __all__ = [
     "real_view",
     "adadelta_update_",
     "round_stochastic",
+    "philox4x32",
+    "philox_bits",
+    "PhiloxStream",
 ]
 
 
@@ -42,34 +45,113 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32
 
 
-def round_stochastic(x: Tensor, dtype: torch.dtype, generator: Optional[torch.Generator] = None) -> Tensor:
-    """Round float32 ``x`` to ``dtype`` (bfloat16 or float16) without bias.
+_U32 = 0xFFFFFFFF
+# Philox-4x32-10 (Salmon et al., SC'11): the multipliers and Weyl key increments of the standard.
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+_FP16_MAX = 65504.0
 
-    bfloat16: add a uniform 16-bit integer to the float32 bit pattern and clear the low 16 bits,
-    so ``x`` rounds up with probability equal to its distance from the lower neighbour.
-    float16: the same idea in float64 arithmetic, between the two neighbouring float16 values.
-    NaN and Inf pass through unchanged. Anything else is a plain cast.
+
+class PhiloxStream(NamedTuple):
+    """Where the random bits for one tensor come from: Philox key (key0, key1) and first counter.
+
+    ``key0`` may be a 0-d integer tensor (a step count kept on the device), so that building the
+    stream needs no host read.
     """
+
+    key0: Union[int, Tensor]
+    key1: int
+    offset: int
+
+
+def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    # 32 x 32 -> 64-bit product in int64 arithmetic: split b in 16-bit halves so nothing overflows.
+    lo_part = a * (b & 0xFFFF)
+    mid = a * (b >> 16) + (lo_part >> 16)
+    return mid >> 16, ((mid & 0xFFFF) << 16) | (lo_part & 0xFFFF)
+
+
+def philox4x32(
+    key0: Union[int, Tensor], key1: Union[int, Tensor], c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Philox-4x32-10 on int64 tensors that hold unsigned 32-bit values: four random words per counter.
+
+    The same function as Triton's ``tl.philox(seed, c0, c1, c2, c3)`` with 32-bit counters and
+    ``seed = key1 << 32 | key0``, so the PyTorch path draws the very bits the kernel draws.
+    Each round: ``(c0, c1, c2, c3) <- (hi(M1*c2) ^ c1 ^ k0, lo(M1*c2), hi(M0*c0) ^ c3 ^ k1, lo(M0*c0))``,
+    then the key grows by the Weyl constants.
+    """
+    k0, k1 = key0, key1
+    for _ in range(10):
+        hi1, lo1 = _mulhilo32(_PHILOX_M1, c2)
+        hi0, lo0 = _mulhilo32(_PHILOX_M0, c0)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + _PHILOX_W0) & _U32
+        k1 = (k1 + _PHILOX_W1) & _U32
+    return c0, c1, c2, c3
+
+
+def philox_bits(stream: PhiloxStream, numel: int, device: Union[str, torch.device]) -> tuple[Tensor, Tensor, Tensor]:
+    """Three independent random 32-bit words (as int64) for each of ``numel`` elements.
+
+    Element ``i`` uses counter ``(stream.offset + i)`` split in two 32-bit words; lanes 0, 1 and 2
+    of its Philox output go to the parameter, square_avg and acc_delta writes (as in the kernel).
+    """
+    ridx = torch.arange(stream.offset, stream.offset + numel, dtype=torch.int64, device=device)
+    key0 = stream.key0.to(device=device, dtype=torch.int64) if isinstance(stream.key0, Tensor) else stream.key0
+    zero = torch.zeros_like(ridx)
+    r0, r1, r2, _ = philox4x32(key0, stream.key1, ridx & _U32, ridx >> 32, zero, zero)
+    return r0, r1, r2
+
+
+def _float_from_u32(bits: Tensor) -> Tensor:
+    """float32 whose bit pattern is the unsigned 32-bit value held in int64 ``bits``."""
+    return torch.where(bits >= (1 << 31), bits - (1 << 32), bits).to(torch.int32).view(torch.float32)
+
+
+def round_stochastic(
+    x: Tensor, dtype: torch.dtype, bits: Optional[Tensor] = None, generator: Optional[torch.Generator] = None
+) -> Tensor:
+    """Round ``x`` (computed in float32) to ``dtype`` so that the result is ``x`` on average.
+
+    With ``lo <= |x| < hi`` the two neighbouring values of ``dtype``, ``|x|`` becomes ``hi`` with
+    probability ``(|x| - lo) / (hi - lo)`` and ``lo`` otherwise, so ``E[round(x)] = x``.
+    ``bits`` holds one uniform unsigned 32-bit word per element (int64; e.g. from :func:`philox_bits`),
+    drawn from ``generator`` when None.
+
+    bfloat16: the low 16 bits of the word are added to the float32 bit pattern, then the low 16
+    bits are cleared. float16: the top 24 bits of the word give ``u`` in [0, 1) and ``|x|`` rounds
+    up when ``u < frac``, ``frac`` being its position between the neighbours in float16 ulps (exact
+    in float32; in the float16 subnormal range ``frac`` may need more than 24 bits, a bias below
+    2^-24 ulp). NaN stays NaN and +-Inf stay as they are; a finite value is never rounded up into
+    Inf (it saturates at the largest finite value), but float16 overflow (|x| >= 65536, outside every
+    float16 binade) is +-Inf as in a plain cast. Signed zeros keep their sign. Other dtypes: a plain cast.
+    """
+    if dtype not in (torch.bfloat16, torch.float16):
+        return x.to(dtype)
+    x = x.to(torch.float32)
+    if bits is None:
+        bits = torch.randint(0, 1 << 32, x.shape, dtype=torch.int64, device=x.device, generator=generator)
+    xb = x.view(torch.int32).to(torch.int64) & _U32
+    sign = xb & 0x80000000
+    finite = x.isfinite()
     if dtype == torch.bfloat16:
-        x = x.to(torch.float32)
-        noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
-        bits = x.view(torch.int32)
-        rounded = ((bits + noise) & -65536).view(torch.float32)
-        # Adding noise to a value just below the largest finite bf16 may carry into Inf; clamp it back.
-        big = torch.finfo(torch.bfloat16).max
-        rounded = torch.where(rounded.isinf() & x.isfinite(), rounded.sign() * big, rounded)
-        return torch.where(x.isfinite(), rounded, x).to(dtype)
-    if dtype == torch.float16:
-        x64 = x.to(torch.float64)
-        low = x64.to(torch.float16)
-        low = torch.where(low.to(torch.float64) > x64, torch.nextafter(low, torch.full_like(low, -float("inf"))), low)
-        high = torch.nextafter(low, torch.full_like(low, float("inf")))
-        gap = high.to(torch.float64) - low.to(torch.float64)
-        frac = torch.where(gap > 0, (x64 - low.to(torch.float64)) / gap, torch.zeros_like(x64))
-        u = torch.rand(x.shape, dtype=torch.float64, device=x.device, generator=generator)
-        out = torch.where(u < frac, high, low)
-        return torch.where(x64.isfinite() & high.isfinite(), out, x64.to(torch.float16))
-    return x.to(dtype)
+        rounded = (xb + (bits & 0xFFFF)) & 0xFFFF0000
+        # A carry out of the largest finite bf16 would give Inf: saturate instead.
+        rounded = torch.where((rounded & 0x7FFFFFFF) > 0x7F7F0000, sign | 0x7F7F0000, rounded)
+        out = _float_from_u32(rounded)
+    else:
+        a = x.abs()
+        # The float16 ulp at |x| as a power of two: 2^(e - 10) in the normal range, 2^-24 below it.
+        ulp_exp = torch.clamp((a.view(torch.int32) >> 23) & 0xFF, min=113) - 10
+        ulp = (ulp_exp << 23).view(torch.float32)
+        scaled = a * ((254 - ulp_exp) << 23).view(torch.float32)  # |x| / ulp, exact
+        whole = scaled.floor()
+        u = (bits >> 8).to(torch.float32) * 2.0**-24
+        mag = torch.where(u < scaled - whole, whole + 1, whole) * ulp
+        mag = torch.where(a >= 65536.0, float("inf"), mag.clamp(max=_FP16_MAX))
+        out = _float_from_u32((mag.view(torch.int32).to(torch.int64) & _U32) | sign)
+    return torch.where(finite, out, x).to(dtype)  # every finite ``out`` is exact in ``dtype``
 
 
 def adadelta_update_(
@@ -87,16 +169,20 @@ def adadelta_update_(
     clip_coef: Optional[Tensor] = None,
     master: Optional[Tensor] = None,
     stochastic_rounding: bool = False,
+    rng: Optional[PhiloxStream] = None,
+    clip_value: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
 ) -> None:
     """Apply one Adadelta step to ``param`` in place (the equations in the module docstring).
 
     ``square_avg``/``acc_delta`` have the parameter's shape (complex parameters: complex state or its
     real view) in any floating dtype. ``grad_scale`` divides the gradient (GradScaler's scale) and
-    ``clip_coef`` multiplies it, both 0-d tensors. ``master`` is an optional float32 copy of a
+    ``clip_coef`` multiplies it, both 0-d tensors; ``clip_value`` clamps it in between (Keras'
+    clipvalue; NaN stays NaN). ``master`` is an optional float32 copy of a
     low-precision parameter: it is read and written instead of ``param``, and ``param`` receives it
-    rounded to nearest. ``stochastic_rounding`` rounds the new parameter (and low-precision state)
-    stochastically with ``generator``.
+    rounded to nearest. ``stochastic_rounding`` rounds every bfloat16/float16 write (the parameter
+    unless ``master`` is given, and 16-bit state) with :func:`round_stochastic`; the random words
+    come from ``rng`` (:func:`philox_bits`: the kernel's stream) or else from ``generator``.
     """
     p = real_view(param)
     g = real_view(grad)
@@ -109,6 +195,8 @@ def adadelta_update_(
     g32 = g.to(cdt)
     if grad_scale is not None:
         g32 = g32 / grad_scale.to(cdt)
+    if clip_value is not None:
+        g32 = g32.clamp(-clip_value, clip_value)
     if clip_coef is not None:
         g32 = g32 * clip_coef.to(cdt)
     if maximize:
@@ -123,16 +211,22 @@ def adadelta_update_(
     u = u_store.to(cdt) * rho + ((1 - rho) * delta) * delta
     new_p = p32 - lr * delta
 
-    def store(dst: Tensor, value: Tensor) -> None:
+    lanes: tuple = (None, None, None)
+    if stochastic_rounding and rng is not None:
+        lanes = philox_bits(rng, p.numel(), p.device)
+
+    def store(dst: Tensor, value: Tensor, lane: int) -> None:
         if stochastic_rounding and dst.dtype in (torch.bfloat16, torch.float16):
-            dst.copy_(round_stochastic(value, dst.dtype, generator))
+            bits = lanes[lane]
+            bits = None if bits is None else bits.view(dst.shape)
+            dst.copy_(round_stochastic(value, dst.dtype, bits, generator))
         else:
             dst.copy_(value)
 
-    store(v_store, v)
-    store(u_store, u)
+    store(v_store, v, 1)
+    store(u_store, u, 2)
     if master is not None:
         real_view(master).copy_(new_p)
         p.copy_(new_p)
     else:
-        store(p, new_p)
+        store(p, new_p, 0)

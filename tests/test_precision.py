@@ -1,0 +1,642 @@
+"""Mixed precision: stochastic rounding, master weights, 16-bit state and GradScaler.
+
+Every test runs on the PyTorch path and, where it says fused, on the Triton kernel (the
+interpreter on CPU). Random draws come from fixed seeds, so every statistical bound below is
+checked against one fixed sample and the tests are deterministic.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import KERNEL_DEVICE, needs_gpu, needs_kernel
+from helpers import assert_close_rel, make_params, random_grads, set_grads
+
+from triton_adadelta import Adadelta
+from triton_adadelta.reference import PhiloxStream, philox4x32, philox_bits, round_stochastic
+
+LOW = [torch.bfloat16, torch.float16]
+PATHS = [pytest.param(False, id="torch"), pytest.param(True, id="fused", marks=needs_kernel)]
+
+
+def _device(fused: bool) -> str:
+    return KERNEL_DEVICE if fused else "cpu"
+
+
+def _neighbours(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The values of ``dtype`` just below and just above float32 ``x`` (equal when x is exact), in float64."""
+    x64 = x.double()
+    r = x.to(dtype)
+    down = torch.nextafter(r, torch.full_like(r, -math.inf))
+    lo = torch.where(r.double() > x64, down, r)
+    up = torch.nextafter(lo, torch.full_like(lo, math.inf))
+    hi = torch.where(lo.double() == x64, lo, up)
+    return lo.double(), hi.double()
+
+
+def _ulp16(x: torch.Tensor) -> torch.Tensor:
+    """The gap between the two 16-bit neighbours of ``x`` (its dtype's), float64."""
+    x = x.cpu()
+    up = torch.nextafter(x, torch.full_like(x, math.inf)).double()
+    down = torch.nextafter(x, torch.full_like(x, -math.inf)).double()
+    return torch.maximum(up - x.double(), x.double() - down)
+
+
+def _assert_unbiased(rounded: torch.Tensor, x: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """Each element is a neighbour of its float32 value ``x``, and the mean matches ``x`` within 5 sigma."""
+    lo, hi = _neighbours(x.cpu(), dtype)
+    r = rounded.cpu().double()
+    assert bool(((r == lo) | (r == hi)).all()), f"{what}: a value that is not a neighbour"
+    gap = hi - lo
+    frac = torch.where(gap > 0, (x.cpu().double() - lo) / gap, torch.zeros_like(gap))
+    n = r.numel()
+    got = float(torch.where(gap > 0, (r - lo) / gap, torch.zeros_like(gap)).mean())
+    want = float(frac.mean())
+    sigma = math.sqrt(max(float((frac * (1 - frac)).mean()), 1e-12) / n)
+    assert abs(got - want) < 5 * sigma + 1e-6, f"{what}: mean fraction {got} vs {want} (sigma {sigma})"
+
+
+# ------------------------------------------------------------------------------------- the rounding itself
+def test_philox_known_answers_and_lanes():
+    """Philox-4x32-10 known-answer vectors (Random123's kat_vectors)."""
+    def run(ctr, key):
+        c = [torch.tensor([v], dtype=torch.int64) for v in ctr]
+        return [int(t) for t in philox4x32(key[0], key[1], *c)]
+
+    assert run([0, 0, 0, 0], [0, 0]) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert run([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    assert run([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0]) == [
+        0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+    # A tensor key (a step count on the device) gives the same words as the integer.
+    a = philox_bits(PhiloxStream(7, 5, 1 << 33), 10, "cpu")
+    b = philox_bits(PhiloxStream(torch.tensor(7), 5, 1 << 33), 10, "cpu")
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[1], a[2])
+
+
+@needs_kernel
+def test_philox_matches_triton():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def draw(out, seed, base, N: tl.constexpr):
+        ridx = base + tl.arange(0, N).to(tl.int64)
+        c0 = ridx.to(tl.uint32)
+        zero = c0 * 0
+        r0, r1, r2, _ = tl.philox(seed, c0, (ridx >> 32).to(tl.uint32), zero, zero)
+        i = tl.arange(0, N)
+        tl.store(out + i, r0.to(tl.int64) & 0xFFFFFFFF)
+        tl.store(out + N + i, r1.to(tl.int64) & 0xFFFFFFFF)
+        tl.store(out + 2 * N + i, r2.to(tl.int64) & 0xFFFFFFFF)
+
+    for key1, key0, base in [(0, 0, 0), (5 * 64 + 3, 17, (1 << 32) - 10), ((1 << 30) - 1, (1 << 24) - 1, 123456789012)]:
+        out = torch.zeros(3 * 64, dtype=torch.int64, device=KERNEL_DEVICE)
+        draw[(1,)](out, (key1 << 32) | key0, base, N=64)
+        want = torch.cat(philox_bits(PhiloxStream(key0, key1, base), 64, "cpu"))
+        assert torch.equal(out.cpu(), want)
+
+
+def _values(dtype: torch.dtype) -> torch.Tensor:
+    """float32 values between neighbours of ``dtype`` across its range, both signs, subnormals included."""
+    tiny = torch.finfo(dtype).smallest_normal
+    base = [1 + 2**-10, 1 - 2**-12, 3.0 + 2**-9 + 2**-13, 1e-3, 7.7e4 if dtype == torch.bfloat16 else 6.1e4,
+            tiny * 1.37, tiny * 0.3, tiny * 2**-9 * 0.6, 1e-38 * 0.37, 2.0**-126 * 0.2]
+    v = torch.tensor(base, dtype=torch.float32)
+    return torch.cat([v, -v])
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("source", ["philox", "generator"])
+def test_round_stochastic_is_unbiased(dtype, source):
+    n = 1 << 15
+    for x0 in _values(dtype):
+        x = x0.expand(n).contiguous()
+        if source == "philox":
+            bits = philox_bits(PhiloxStream(3, 11, 0), n, "cpu")[0]
+            r = round_stochastic(x, dtype, bits)
+        else:
+            r = round_stochastic(x, dtype, generator=torch.Generator().manual_seed(5))
+        assert r.dtype == dtype
+        _assert_unbiased(r, x, dtype, f"{dtype} x={float(x0)!r}")
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_round_to_nearest_would_fail_the_unbiasedness_check(dtype):
+    """The check above is sharp enough to reject a rounding that is not stochastic."""
+    x = torch.full((1 << 15,), 1 + 2**-10, dtype=torch.float32) if dtype == torch.bfloat16 else \
+        torch.full((1 << 15,), 1 + 2**-13, dtype=torch.float32)
+    with pytest.raises(AssertionError, match="mean fraction"):
+        _assert_unbiased(x.to(dtype), x, dtype, "round to nearest")
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_round_stochastic_special_values(dtype):
+    fmax = torch.finfo(dtype).max
+    above = fmax * (1 + 2**-9) if dtype == torch.bfloat16 else 65520.0  # past fmax, inside its binade
+    x = torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0, fmax, -fmax, 1.0, -2.5, above, -above],
+                     dtype=torch.float32)
+    if dtype == torch.float16:
+        x = torch.cat([x, torch.tensor([65535.0, -65535.0, 65536.0, -1e6], dtype=torch.float32)])
+    for bits_value in (0, 0xFFFFFFFF, 0x80008000):  # the lower, the upper and a middle draw
+        r = round_stochastic(x, dtype, torch.full(x.shape, bits_value, dtype=torch.int64))
+        assert bool(torch.isnan(r[0]))
+        assert r[1].item() == math.inf and r[2].item() == -math.inf
+        assert r[3].item() == 0.0 and not math.copysign(1.0, r[3].item()) < 0
+        assert r[4].item() == 0.0 and math.copysign(1.0, r[4].item()) < 0
+        assert r[5].item() == fmax and r[6].item() == -fmax
+        assert r[7].item() == 1.0 and r[8].item() == -2.5
+        # Finite values above the largest finite one saturate instead of rounding up into Inf.
+        assert r[9].item() == fmax and r[10].item() == -fmax
+        if dtype == torch.float16:
+            assert r[11].item() == fmax and r[12].item() == -fmax
+            assert r[13].item() == math.inf and r[14].item() == -math.inf  # |x| >= 65536: overflow, as a cast
+
+
+# ------------------------------------------------------------------------------------- the optimizer, both paths
+def _sr_optimizer(params, fused, **kw):
+    kw.setdefault("stochastic_rounding", True)
+    return Adadelta(params, fused=fused, **kw)
+
+
+@pytest.mark.parametrize("fused", PATHS)
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_optimizer_rounding_is_unbiased(fused, dtype):
+    """Many elements with one value and one gradient: the rounded results average to the float32 result.
+
+    Two groups: one near 1.0 (normal range) and one at 0 with a tiny step (float16 subnormals).
+    The square_avg of a float32-parameter optimizer with 16-bit state is checked the same way.
+    """
+    dev = _device(fused)
+    n = 4096
+    params = [torch.full((n,), 1.0, dtype=dtype, device=dev), torch.zeros(n, dtype=dtype, device=dev)]
+    groups = [dict(params=[params[0]], lr=1.0), dict(params=[params[1]], lr=1e-5)]
+    exact = [p.detach().float().cpu() for p in params]
+    exact_opt = Adadelta([dict(params=[exact[0]], lr=1.0), dict(params=[exact[1]], lr=1e-5)], fused=False)
+    results = {}
+    for sr in (True, False):
+        ps = [p.clone() for p in params]
+        opt = _sr_optimizer([dict(g, params=[q]) for g, q in zip(groups, ps)], fused, stochastic_rounding=sr)
+        for q in ps:
+            q.grad = torch.ones_like(q)
+        opt.step()
+        results[sr] = ps
+    for q in exact:
+        q.grad = torch.ones_like(q)
+    exact_opt.step()
+    for i, (q, x) in enumerate(zip(results[True], exact)):
+        assert len(set(x.tolist())) == 1
+        _assert_unbiased(q, x, dtype, f"param group {i}")
+        with pytest.raises(AssertionError, match="mean fraction|not a neighbour"):
+            _assert_unbiased(results[False][i], x, dtype, "round to nearest")
+
+    state = torch.full((n,), 0.75, device=dev)
+    opt = _sr_optimizer([state], fused, state_dtype=dtype)
+    state.grad = torch.full_like(state, 1.0 + 2**-12)
+    opt.step()
+    g = torch.tensor(1.0 + 2**-12)
+    want = (0.0 * 0.9 + ((1 - 0.9) * g) * g).expand(n)  # torch's float32 square_avg after one step
+    _assert_unbiased(opt.state[state]["square_avg"], want, dtype, "square_avg")
+
+
+@pytest.mark.parametrize("fused", PATHS)
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_nan_inf_and_saturation(fused, dtype):
+    dev = _device(fused)
+    fmax = torch.finfo(dtype).max
+    special = torch.tensor([math.nan, math.inf, -math.inf] + [fmax] * 64, dtype=dtype, device=dev)
+    normal = make_params([(61,)], dtype, dev, seed=3)[0]
+    # A step big enough to push fmax a good fraction of an ulp upwards: it must saturate, not overflow.
+    lr = 1e38 if dtype == torch.bfloat16 else 6000.0
+    opt = _sr_optimizer([dict(params=[special], lr=lr), dict(params=[normal])], fused, state_dtype=dtype)
+    special.grad = torch.full_like(special, -1.0)
+    normal.grad = random_grads([normal], seed=4)[0]
+    normal.grad[5] = math.nan
+    opt.step()
+    s = special.cpu().float()
+    assert math.isnan(s[0]) and s[1] == math.inf and s[2] == -math.inf
+    assert bool((s[3:] == fmax).all()), "a finite parameter rounded into Inf"
+    assert math.isnan(normal[5].float()) and math.isnan(opt.state[normal]["square_avg"][5].float())
+    finite = torch.ones(61, dtype=torch.bool)
+    finite[5] = False
+    assert bool(normal.float().cpu()[finite].isfinite().all())
+    assert bool(opt.state[normal]["acc_delta"].float().cpu()[finite].isfinite().all())
+
+
+# (parameter dtype, state dtype, master weights)
+SR_COMBOS = [
+    (torch.bfloat16, torch.float32, False),
+    (torch.float16, torch.float32, False),
+    (torch.bfloat16, torch.bfloat16, False),
+    (torch.float16, torch.float16, False),
+    (torch.float32, torch.bfloat16, False),
+    (torch.float32, torch.float16, False),
+    (torch.bfloat16, torch.bfloat16, True),
+    (torch.float16, torch.float32, True),
+]
+
+
+def _combo_id(c):
+    return "-".join(str(x).replace("torch.", "") for x in c[:2]) + ("-master" if c[2] else "")
+
+
+def _check_within_one_ulp(actual: torch.Tensor, expected: torch.Tensor, what: str) -> int:
+    """16-bit elements may differ by one step of their dtype (returns how many differ); float32 by 1e-5."""
+    a, e = actual.detach().cpu(), expected.detach().cpu()
+    assert a.dtype == e.dtype, what
+    same = (a == e) | (a.isnan() & e.isnan())
+    if a.dtype in (torch.bfloat16, torch.float16):
+        close = (a.double() - e.double()).abs() <= _ulp16(e)
+        assert bool((same | close).all()), f"{what}: more than one ulp apart"
+        return int((~same).sum())
+    assert_close_rel(a, e, rtol=1e-5, what=what)  # float32: the last-bit differences of the two paths
+    return 0
+
+
+@needs_kernel
+@pytest.mark.parametrize("combo", SR_COMBOS, ids=_combo_id)
+def test_kernel_rounds_like_the_reference(combo):
+    """Both paths draw the same Philox words, so from the same inputs they round the same way.
+
+    Each step starts both from the kernel's values (as test_kernel does). The float32 arithmetic of
+    the two paths may differ in the last bit, which moves a stochastic rounding only when the draw
+    falls in that sliver: almost every element is identical, none is more than one ulp away.
+    """
+    pdtype, sdtype, master = combo
+    shapes = [(1,), (7,), (2049,), (0,), (5, 3)]
+    params = make_params(shapes, pdtype, KERNEL_DEVICE, seed=1)
+    kw = dict(stochastic_rounding=True, state_dtype=sdtype, master_weights=master, weight_decay=0.01)
+    fused = Adadelta([dict(params=params[:2], lr=0.5), dict(params=params[2:], lr=0.2, rho=0.8)], fused=True, **kw)
+    ref_params = [p.detach().cpu().clone() for p in params]
+    ref = Adadelta([dict(params=ref_params[:2], lr=0.5), dict(params=ref_params[2:], lr=0.2, rho=0.8)],
+                   fused=False, **kw)
+    differ = total = 0
+    for step in range(3):
+        grads = random_grads(params, seed=10 + step)
+        set_grads(params, grads)
+        set_grads(ref_params, [g.cpu() for g in grads])
+        ref.load_state_dict(copy.deepcopy(fused.state_dict()))
+        with torch.no_grad():
+            for p, q in zip(params, ref_params):
+                q.copy_(p.cpu())
+        fused.step()
+        ref.step()
+        for i, (p, q) in enumerate(zip(params, ref_params)):
+            names = ["square_avg", "acc_delta"] + (["master"] if "master" in fused.state[p] else [])
+            for actual, expected, what in [(p, q, "param")] + [
+                    (fused.state[p][n], ref.state[q][n], n) for n in names]:
+                differ += _check_within_one_ulp(actual, expected, f"step {step} tensor {i} {what}")
+                total += expected.numel()
+            assert float(fused.state[p]["step"]) == float(ref.state[q]["step"]) == step + 1
+    assert differ <= max(2, total // 1000), f"{differ} of {total} elements rounded differently"
+
+
+def _run(fused, seed, steps=4, save_at=None, **kw):
+    """A small bf16/fp16 run; returns the parameters and the state (optionally through a state_dict)."""
+    dev = _device(fused)
+    torch.manual_seed(seed)
+    params = make_params([(300,), (7, 5)], torch.bfloat16, dev, seed=0) + make_params([(65,)], torch.float16, dev,
+                                                                                          seed=1)
+    opt = Adadelta(params, fused=fused, stochastic_rounding=True, lr=0.3, **kw)
+    for step in range(steps):
+        if step == save_at:
+            sd = copy.deepcopy(opt.state_dict())
+            params = [p.detach().clone() for p in params]
+            opt = Adadelta(params, fused=fused, stochastic_rounding=True, lr=0.3, **kw)
+            opt.load_state_dict(sd)
+        set_grads(params, random_grads(params, seed=50 + step))
+        opt.step()
+    return [p.detach().cpu().clone() for p in params] + [
+        opt.state[p][n].detach().cpu().clone() for p in params for n in ("square_avg", "acc_delta")]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _bitwise_equal(a: list, b: list) -> bool:
+    """Same dtypes and the same bits (NaN payloads and the signs of zeros included)."""
+    return len(a) == len(b) and all(x.dtype == y.dtype and torch.equal(_bits(x), _bits(y)) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("fused", PATHS)
+def test_reruns_are_bit_identical_and_seeded_by_torch(fused):
+    kw = dict(state_dtype=torch.bfloat16)
+    first = _run(fused, seed=123, **kw)
+    again = _run(fused, seed=123, **kw)
+    assert _bitwise_equal(first, again)
+    # torch.manual_seed picks the stream: another seed rounds differently somewhere.
+    other = _run(fused, seed=124, **kw)
+    assert not _bitwise_equal(first, other)
+    # Saving and loading mid-run (the seed is in the param groups, the step counts in the state) changes nothing.
+    resumed = _run(fused, seed=123, save_at=2, **kw)
+    assert _bitwise_equal(first, resumed)
+
+
+def test_seed_comes_from_torch_and_is_saved():
+    torch.manual_seed(7)
+    a = Adadelta([torch.zeros(3)], stochastic_rounding=True)
+    torch.manual_seed(7)
+    b = Adadelta([torch.zeros(3)], stochastic_rounding=True)
+    torch.manual_seed(8)
+    c = Adadelta([torch.zeros(3)], stochastic_rounding=True)
+    assert a.param_groups[0]["seed"] == b.param_groups[0]["seed"] != c.param_groups[0]["seed"]
+    assert a.state_dict()["param_groups"][0]["seed"] == a.param_groups[0]["seed"]
+    # Building an optimizer draws nothing from torch's generator: the user's random stream is untouched.
+    torch.manual_seed(9)
+    want = torch.rand(3)
+    torch.manual_seed(9)
+    Adadelta([torch.zeros(3)], stochastic_rounding=True)
+    assert torch.equal(torch.rand(3), want)
+
+
+# ------------------------------------------------------------------------------------- 16-bit state
+@pytest.mark.parametrize("fused", PATHS)
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_16bit_state_keeps_small_contributions(fused, dtype):
+    """Each step moves the accumulators by (1 - rho) of their gap, less than half an ulp of a 16-bit value
+    at 0.5 (rho = 0.999 for bf16, 0.9999 for fp16). Round to nearest never moves them; stochastic rounding
+    follows the float32 state on average (every element has the same history, so they are i.i.d.)."""
+    dev = _device(fused)
+    n, steps = 2048, 30
+    rho = 0.999 if dtype == torch.bfloat16 else 0.9999
+    p = torch.zeros(n, device=dev)
+    finals = {}
+    for mode in ("fp32", "sr", "rn"):
+        q = p.clone()
+        opt = Adadelta([q], fused=fused, rho=rho, state_dtype=torch.float32 if mode == "fp32" else dtype,
+                       stochastic_rounding=mode == "sr")
+        q.grad = torch.ones_like(q)
+        opt.step()  # creates the state; then both accumulators start from 0.5
+        with torch.no_grad():
+            opt.state[q]["square_avg"].fill_(0.5)
+            opt.state[q]["acc_delta"].fill_(0.5)
+        for _ in range(steps):
+            opt.step()
+        finals[mode] = [opt.state[q][k].detach().cpu().double() for k in ("square_avg", "acc_delta")]
+    for k, name in enumerate(("square_avg", "acc_delta")):
+        exact = float(finals["fp32"][k].mean())
+        moved = exact - 0.5
+        assert moved > 1e-3, name
+        sr = finals["sr"][k]
+        stderr = float(sr.std()) / math.sqrt(n)
+        assert abs(float(sr.mean()) - exact) < 5 * stderr + 1e-7, (name, float(sr.mean()), exact, stderr)
+        assert abs(float(finals["rn"][k].mean()) - exact) > 0.5 * moved, (name, finals["rn"][k].mean(), exact)
+
+
+# ------------------------------------------------------------------------------------- master weights
+@pytest.mark.parametrize("fused", PATHS)
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_master_weights_follow_the_fp32_run(fused, dtype):
+    """The master copy is the float32 trajectory of torch.optim.Adadelta; the parameter is it rounded to nearest."""
+    dev = _device(fused)
+    params = make_params([(257,), (4, 6)], dtype, dev, seed=2)
+    fp32 = [p.detach().float().cpu().clone() for p in params]
+    ours = Adadelta(params, fused=fused, master_weights=True, lr=0.5, weight_decay=0.01)
+    theirs = torch.optim.Adadelta(fp32, lr=0.5, weight_decay=0.01)
+    for step in range(4):
+        grads = random_grads(params, seed=20 + step)
+        set_grads(params, grads)
+        set_grads(fp32, [g.float().cpu() for g in grads])
+        ours.step()
+        theirs.step()
+    for p, q in zip(params, fp32):
+        master = ours.state[p]["master"]
+        assert master.dtype == torch.float32 and master.shape == p.shape
+        assert_close_rel(master.cpu(), q, rtol=1e-5, what="master")
+        assert torch.equal(p.cpu(), master.cpu().to(dtype))
+    sd = ours.state_dict()
+    assert all(sd["state"][i]["master"].dtype == torch.float32 for i in range(2))
+
+
+def test_master_weights_state_dict_round_trips_with_torch():
+    params = make_params([(33,), (3, 3)], torch.bfloat16, seed=5)
+    ours = Adadelta(params, master_weights=True, lr=0.5)
+    for step in range(3):
+        set_grads(params, random_grads(params, seed=30 + step))
+        ours.step()
+    sd = ours.state_dict()
+    assert set(sd["state"][0]) == {"step", "square_avg", "acc_delta", "master"}
+
+    # Into torch.optim.Adadelta: the extra entry is carried along unused, and training goes on.
+    theirs_params = [p.detach().clone() for p in params]
+    theirs = torch.optim.Adadelta(theirs_params, lr=0.5)
+    theirs.load_state_dict(copy.deepcopy(sd))
+    for p, q in zip(params, theirs_params):
+        torch.testing.assert_close(theirs.state[q]["square_avg"].float(), ours.state[p]["square_avg"],
+                                   rtol=1e-2, atol=0)
+    set_grads(theirs_params, random_grads(theirs_params, seed=40))
+    theirs.step()
+    assert all(bool(q.isfinite().all()) for q in theirs_params)
+
+    # A torch state_dict into ours: torch carried our master along, cast to bf16 and not updated by its
+    # step; it is not used: the master copy starts from the parameter, read at the next step, so loading
+    # the optimizer before the model works too.
+    assert theirs.state_dict()["state"][0]["master"].dtype == torch.bfloat16
+    fresh = [torch.zeros_like(p) for p in theirs_params]
+    again = Adadelta(fresh, master_weights=True, lr=0.5)
+    again.load_state_dict(theirs.state_dict())
+    with torch.no_grad():
+        for p, q in zip(fresh, theirs_params):
+            p.copy_(q)  # the model checkpoint, loaded after the optimizer's
+    check = [p.detach().float().clone() for p in theirs_params]
+    check_opt = torch.optim.Adadelta(check, lr=0.5)
+    check_opt.load_state_dict(theirs.state_dict())
+    grads = random_grads(fresh, seed=41)
+    set_grads(fresh, grads)
+    set_grads(check, [g.float() for g in grads])
+    again.step()
+    check_opt.step()
+    for p, q in zip(fresh, check):
+        assert float(again.state[p]["step"]) == 5
+        assert_close_rel(again.state[p]["master"], q, rtol=1e-5, what="master after a torch state_dict")
+    # Our own state_dict restores the master copy exactly (not re-derived from the rounded parameter).
+    restored = [p.detach().clone() for p in params]
+    back = Adadelta(restored, master_weights=True, lr=0.5)
+    back.load_state_dict(copy.deepcopy(sd))
+    for p, q in zip(params, restored):
+        assert torch.equal(back.state[q]["master"], ours.state[p]["master"])
+        assert not torch.equal(back.state[q]["master"], q.float())
+
+
+# ------------------------------------------------------------------------------------- training
+def _regression(seed: int = 0):
+    """Noisy linear regression started near the solution: the fine-tuning regime, where updates are small."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat([torch.randn(512, 64, generator=g), torch.ones(512, 1)], 1)
+    w_star = torch.randn(65, 1, generator=g) * 2
+    y = x @ w_star + 0.5 * torch.randn(512, 1, generator=g)
+    w0 = w_star + 0.1 * torch.randn(65, 1, generator=g)
+    return x, y, w0
+
+
+def _train(make_opt, dtype, device, steps=100) -> float:
+    x, y, w0 = _regression()
+    x, y = x.to(device), y.to(device)
+    w = w0.to(device, dtype).requires_grad_()
+    opt = make_opt([w])
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = ((x @ w.float() - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return float(((x @ w.float() - y) ** 2).mean())
+
+
+@pytest.mark.parametrize("fused", PATHS)
+def test_bf16_training_reaches_the_fp32_loss(fused):
+    """bf16 weights of magnitude ~2 (ulp 2^-6) with Adadelta steps of ~3e-3: round to nearest drops most
+    updates, stochastic rounding and master weights land within a few percent of the float32 run."""
+    dev = _device(fused)
+    fp32 = _train(lambda ps: torch.optim.Adadelta(ps), torch.float32, "cpu")
+    start = float(((_regression()[0] @ _regression()[2] - _regression()[1]) ** 2).mean())
+    assert fp32 < 0.5 * start
+    losses = {
+        name: _train(lambda ps, kw=kw: Adadelta(ps, fused=fused, **kw), torch.bfloat16, dev)
+        for name, kw in [("nearest", {}), ("stochastic", dict(stochastic_rounding=True)),
+                         ("master", dict(master_weights=True))]
+    }
+    assert losses["stochastic"] < 1.05 * fp32, (fp32, losses)
+    assert losses["master"] < 1.05 * fp32, (fp32, losses)
+    assert losses["nearest"] > 1.5 * fp32, (fp32, losses)
+
+
+def test_fp16_training_reaches_the_fp32_loss():
+    fp32 = _train(lambda ps: torch.optim.Adadelta(ps), torch.float32, "cpu")
+    for kw in (dict(stochastic_rounding=True), dict(master_weights=True),
+               dict(stochastic_rounding=True, state_dtype=torch.float16)):
+        loss = _train(lambda ps, kw=kw: Adadelta(ps, fused=False, **kw), torch.float16, "cpu")
+        assert loss < 1.05 * fp32, (kw, fp32, loss)
+
+
+# ------------------------------------------------------------------------------------- GradScaler
+def _snapshot(opt, params):
+    return [p.detach().clone() for p in params] + [
+        t.detach().clone() for p in params for t in opt.state[p].values() if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.parametrize("fused", PATHS)
+@pytest.mark.parametrize("mode", ["plain", "stochastic", "master"])
+def test_grad_scaler_loop_with_fp16_params(fused, mode):
+    """torch.amp.GradScaler with fp16 parameters and fp16 gradients.
+
+    The first steps overflow by themselves (scale 2^16), one later step gets an injected Inf: those
+    steps change nothing (parameters, state, step counts) and the scale backs off. Every other step
+    equals a reference-path step fed the unscaled gradient.
+    """
+    dev = _device(fused)
+    kw = dict(stochastic_rounding=mode == "stochastic", master_weights=mode == "master", lr=0.5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 33, generator=g).to(dev)
+    y = torch.randn(64, 1, generator=g).to(dev)
+    w = (torch.randn(33, 1, generator=g) * 2).to(dev, torch.float16).requires_grad_()
+    opt = Adadelta([w], fused=fused, **kw)
+    oracle_w = w.detach().cpu().clone()
+    oracle = Adadelta([oracle_w], fused=False, **kw)
+    scaler = torch.amp.GradScaler(torch.device(dev).type, init_scale=2.0**16, growth_interval=3)
+    skipped = taken = 0
+    for step in range(12):
+        opt.zero_grad()
+        scaler.scale(((x @ w.float() - y) ** 2).mean()).backward()
+        if step == 8:
+            assert bool(w.grad.isfinite().all()), "the injected Inf must replace a step that would be taken"
+            w.grad[3] = math.inf
+        scaled = w.grad.detach().clone()
+        scale = scaler.get_scale()
+        before = _snapshot(opt, [w]) if w in opt.state else None
+        w_before, sd_before = w.detach().cpu().clone(), copy.deepcopy(opt.state_dict())
+        scaler.step(opt)
+        scaler.update()
+        if not bool(scaled.isfinite().all()):
+            skipped += 1
+            assert scaler.get_scale() == scale / 2
+            if before is not None:
+                assert _bitwise_equal(before, _snapshot(opt, [w])), f"step {step} changed something"
+            else:
+                assert float(opt.state[w]["step"]) == 0
+            continue
+        taken += 1
+        # The oracle: our PyTorch path with the unscaled float32 gradient, from the same state.
+        if sd_before["state"]:
+            oracle.load_state_dict(sd_before)
+        with torch.no_grad():
+            oracle_w.copy_(w_before)
+        set_grads([oracle_w], [scaled.cpu().float() / scale])
+        oracle.step()
+        _check_within_one_ulp(w, oracle_w, f"step {step} param")
+        assert float(opt.state[w]["step"]) == float(oracle.state[oracle_w]["step"]) == taken
+    assert skipped >= 2 and taken >= 5, (skipped, taken)
+
+
+@pytest.mark.parametrize("fused", PATHS)
+def test_step_with_found_inf_changes_nothing(fused):
+    dev = _device(fused)
+    params = make_params([(100,), (3, 4)], torch.float16, dev, seed=9)
+    opt = Adadelta(params, fused=fused, stochastic_rounding=True, state_dtype=torch.bfloat16)
+    set_grads(params, random_grads(params, seed=1))
+    opt.step()
+    before = _snapshot(opt, params)
+    set_grads(params, random_grads(params, seed=2))
+    scale = torch.full((1,), 1024.0, device=dev)
+    opt.step(grad_scale=scale, found_inf=torch.ones(1, device=dev))
+    assert _bitwise_equal(before, _snapshot(opt, params))
+    opt.step(grad_scale=scale, found_inf=torch.zeros(1, device=dev))
+    assert all(float(opt.state[p]["step"]) == 2 for p in params)
+    assert not _bitwise_equal(before[:2], _snapshot(opt, params)[:2])
+
+
+@needs_kernel
+def test_fused_step_with_scaler_reads_no_tensor_on_the_host(monkeypatch):
+    """The host side of a fused step with grad_scale/found_inf never reads a tensor's value.
+
+    The launch itself is recorded instead of run (under the interpreter it would read everything),
+    and every way to turn a tensor into a Python value raises. On a GPU, test_step_with_scaler_has_no_host_sync
+    checks the same with torch's sync debug mode.
+    """
+    from triton_adadelta import _triton
+
+    params = make_params([(100,), (7,)], torch.float16, KERNEL_DEVICE, seed=1)
+    opt = Adadelta(params, fused=True, stochastic_rounding=True, master_weights=True, state_dtype=torch.bfloat16)
+    set_grads(params, random_grads(params, seed=2))
+    scale, found = torch.full((1,), 8.0, device=KERNEL_DEVICE), torch.zeros(1, device=KERNEL_DEVICE)
+    opt.step(grad_scale=scale, found_inf=found)  # the first step builds state and launch plans
+
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, args, kwargs))
+
+    monkeypatch.setattr(_triton, "adadelta_kernel", lambda: Recorder())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor value was read on the host during step()")
+
+    for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "__array__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    opt.step(grad_scale=scale, found_inf=found)
+    monkeypatch.undo()
+    assert len(launches) == 1
+    kwargs = launches[0][2]
+    assert kwargs["HAS_SCALER"] and kwargs["STOCHASTIC"] and kwargs["MASTER"]
+
+
+@needs_gpu
+def test_step_with_scaler_has_no_host_sync():
+    params = make_params([(1 << 16,), (4097,)], torch.float16, "cuda", seed=0)
+    opt = Adadelta(params, stochastic_rounding=True, state_dtype=torch.bfloat16)
+    set_grads(params, random_grads(params, seed=1))
+    scale, found = torch.full((1,), 1024.0, device="cuda"), torch.zeros(1, device="cuda")
+    opt.step(grad_scale=scale, found_inf=found)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            opt.step(grad_scale=scale, found_inf=found)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

@@ -1,0 +1,235 @@
+"""The fast CPU path: one fused pass over memory per tensor, compiled with ``torch.compile``.
+
+``torch.optim.Adadelta`` (and the reference path) runs about a dozen element-wise operations per
+step, each a full pass over memory. On a CPU the update is memory bound, so this module compiles
+the whole update of one tensor into a single loop (TorchInductor's C++ backend) that reads p, g,
+square_avg and acc_delta once and writes p, square_avg and acc_delta once, exactly like the
+Triton kernel does on a GPU::
+
+    g  = clip * (g / grad_scale) * sign;  g = g + wd * p  (only where wd != 0)
+    v  = rho * v + (1 - rho) * g * g
+    d  = sqrt(u + eps) / sqrt(v + eps) * g
+    u  = rho * u + (1 - rho) * d * d
+    p  = p - lr * d
+
+Why it is shaped this way:
+
+* Shapes are dynamic and every tensor is passed flattened, so one compiled graph serves every
+  model: no recompilation per model or per tensor size. Sizes 0 and 1 would be specialised by the
+  compiler, so tensors with fewer than 2 elements stay on the reference path.
+* One compiled call per tensor. Several tensors per call would save some of the per-call overhead
+  (tens of microseconds), but torch.compile guards on which inputs share storage (the state
+  segments of one flat buffer do), so calls with different mixes would recompile.
+* All hyperparameters (lr, rho, 1 - rho, eps, weight decay, sign, grad scale, clip coefficient)
+  are values in a small per-step table, not Python constants: changing lr every step (schedulers)
+  or switching weight decay on does not recompile. The table is float32, so every constant is
+  rounded exactly as torch rounds a Python scalar for a float32 operation.
+* Only dtypes select a compiled variant (parameter and state dtype, see SUPPORTED). Each variant
+  is its own function object, so variants don't share torch.compile's recompilation limit.
+* The compiled code is cached across processes by TorchInductor's on-disk caches (FX graph and
+  AOTAutograd caches, ``TORCHINDUCTOR_CACHE_DIR``, by default under /tmp): the first step of the
+  first process pays the C++ compilation, later processes only trace.
+
+The path is used for CPU tensors when ``fused`` is not False, the step's eligible tensors hold at
+least :data:`MIN_NUMEL` elements in all (below that the compile cost is not worth it) and
+``torch.compile`` works here; anything else stays on the reference path. A failing compiler (no
+C++ toolchain, an unsupported Python) disables the path with one warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import types
+import warnings
+from collections import defaultdict
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .reference import compute_dtype, real_view
+
+__all__ = ["ENABLED", "MIN_NUMEL", "SUPPORTED", "available", "fused_update_", "step_"]
+
+#: Set TRITON_ADADELTA_CPU_COMPILE=0 to keep every CPU step on the reference path.
+ENABLED: bool = os.environ.get("TRITON_ADADELTA_CPU_COMPILE", "1") not in ("0", "", "false", "False")
+#: The smallest number of elements (summed over a step's eligible tensors) worth compiling for.
+MIN_NUMEL: int = int(os.environ.get("TRITON_ADADELTA_CPU_COMPILE_MIN_NUMEL", str(1 << 20)))
+
+# (parameter dtype of the real view, state dtype) this path compiles for, gradients of the parameter's
+# dtype, no master weights. Each pair is one compiled variant and costs seconds of compilation the first
+# time, so only the common CPU set-ups are here; the rest (float16, float64, fp32 gradients for 16-bit
+# parameters, master weights) is correct on the reference path.
+SUPPORTED = ((torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16))
+# Columns of the per-tensor hyperparameter table.
+_LR, _RHO, _OMR, _EPS, _WD, _SIGN, _SCALE, _CLIP = range(8)
+_COLS = 8
+
+_failed = False
+_compiled: dict[tuple, Callable[..., None]] = {}
+
+
+def _update_one(p: Tensor, g: Tensor, v: Tensor, u: Tensor, h: Tensor) -> None:
+    # The reference's operations in the reference's order; the compiler fuses them into one loop.
+    cdt = h.dtype
+    p32 = p.to(cdt)
+    g32 = g.to(cdt) / h[_SCALE] * h[_CLIP] * h[_SIGN]
+    # Weight decay is skipped, not multiplied by 0, when it is 0 (0 * inf would be NaN), as torch does.
+    g32 = torch.where(h[_WD] != 0, g32 + h[_WD] * p32, g32)
+    v32 = v.to(cdt) * h[_RHO] + (h[_OMR] * g32) * g32
+    delta = (u.to(cdt) + h[_EPS]).sqrt() / (v32 + h[_EPS]).sqrt() * g32
+    u32 = u.to(cdt) * h[_RHO] + (h[_OMR] * delta) * delta
+    new_p = p32 - h[_LR] * delta
+    v.copy_(v32)
+    u.copy_(u32)
+    p.copy_(new_p)
+
+
+def available() -> bool:
+    """Can the compiled CPU path run in this process (enabled, torch.compile supported, not failed)?"""
+    if not ENABLED or _failed:
+        return False
+    try:
+        if not torch._dynamo.is_dynamo_supported():
+            return False
+        compiling = getattr(torch.compiler, "is_compiling", None)
+        # Inside a user's torch.compile region the reference math is traced instead.
+        return not (compiling is not None and compiling())
+    except Exception:  # an exotic build without dynamo
+        return False
+
+
+def _compiled_for(key: tuple) -> Callable[..., None]:
+    fn = _compiled.get(key)
+    if fn is None:
+        # A fresh code object per variant: torch.compile counts recompilations per code object,
+        # and dtype variants must not use up each other's budget.
+        code = _update_one.__code__.replace()
+        fresh = types.FunctionType(code, _update_one.__globals__, f"_adadelta_cpu_{len(_compiled)}")
+        fn = _compiled[key] = torch.compile(fresh, dynamic=True, fullgraph=True)
+    return fn
+
+
+def _no_duck_shapes() -> Any:
+    """Equal sizes seen while compiling (a parameter of 8 elements, the 8 hyperparameters) must not
+    become a guard that recompiles for the next model."""
+    try:
+        import torch.fx.experimental._config as fx_config
+
+        return fx_config.patch(use_duck_shape=False)
+    except (ImportError, AttributeError):
+        return contextlib.nullcontext()
+
+
+def fused_update_(slots: list[tuple[Tensor, Tensor, Tensor, Tensor]], hyper: list[Tensor]) -> None:
+    """Apply one Adadelta step to every slot in place, one fused compiled pass per tensor.
+
+    Args:
+        slots: ``(param, grad, square_avg, acc_delta)`` per tensor: contiguous CPU tensors of the
+            same number of elements (at least 2; complex tensors as their real views). All slots share
+            the parameter, gradient and state dtypes.
+        hyper: one float32 tensor of 8 elements per slot (not a view: the compiled code would tie
+            its base's size to the parameter's): lr, rho, 1 - rho, eps, weight_decay, sign (-1 to
+            maximize), grad_scale, clip coefficient.
+
+    Same equations as :func:`triton_adadelta.reference.adadelta_update_` (module docstring), same
+    order of operations; results agree within float rounding (the compiler may contract a*b+c).
+    Raises whatever ``torch.compile`` raises if the first compilation fails; nothing is modified then.
+    """
+    if not slots:
+        return
+    p0, g0, v0, _ = slots[0]
+    fn = _compiled_for((p0.dtype, g0.dtype, v0.dtype))
+    with _no_duck_shapes():
+        for (p, g, v, u), h in zip(slots, hyper):
+            fn(p.view(-1), g.view(-1), v.view(-1), u.view(-1), h)
+
+
+def _eligible(group: dict[str, Any], p: Tensor, g: Tensor, st: dict[str, Tensor]) -> bool:
+    if group.get("fused") is False or group.get("stochastic_rounding") or group.get("differentiable"):
+        return False
+    if type(p.data) is not Tensor or type(g) is not Tensor:  # DTensor and other subclasses: not here
+        return False
+    if p.device.type != "cpu" or g.device != p.device or g.is_sparse:
+        return False
+    if not (p.is_contiguous() and g.is_contiguous()) or p.numel() < 2:
+        return False
+    if g.dtype != p.dtype or st.get("master") is not None:
+        return False
+    v = st.get("square_avg")
+    u = st.get("acc_delta")
+    if v is None or u is None or not (v.is_contiguous() and u.is_contiguous()) or u.dtype != v.dtype:
+        return False
+    return (real_view(p).dtype, real_view(v).dtype) in SUPPORTED
+
+
+def step_(
+    opt: Any,
+    indexed_entries: list[tuple[int, tuple[int, dict, Tensor, Tensor]]],
+    coefs: Optional[list[Tensor]],
+    grad_scale: Optional[Tensor],
+) -> list[tuple[int, tuple[int, dict, Tensor, Tensor]]]:
+    """Update what this path can of one step of ``opt`` (an Adadelta); return the entries left over.
+
+    ``indexed_entries`` are ``(i, (group index, group, param, grad))`` as in ``Adadelta.step``;
+    ``coefs[i]`` is the gradient multiplier of entry ``i`` (clipping) or ``coefs`` is None. The
+    caller has already handled ``found_inf``. Step counts of updated tensors are incremented here.
+    """
+    if not available() or not indexed_entries:
+        return indexed_entries
+    chosen, rest = [], []
+    total = 0
+    for item in indexed_entries:
+        _, (_, group, p, g) = item
+        st = opt.state[p]
+        if _eligible(group, p, g, st):
+            chosen.append(item)
+            total += p.numel()
+        else:
+            rest.append(item)
+    if total < MIN_NUMEL:
+        return indexed_entries
+
+    scale = 1.0 if grad_scale is None else float(grad_scale)
+    by_key: dict[tuple, list] = defaultdict(list)
+    for item in chosen:
+        i, (_, group, p, g) = item
+        st = opt.state[p]
+        pr = real_view(p)
+        key = (pr.dtype, real_view(g).dtype, real_view(st["square_avg"]).dtype)
+        lr = opt._group_lr(group)
+        row = [
+            float(lr), float(group["rho"]), 1.0 - float(group["rho"]), float(group["eps"]),
+            float(group["weight_decay"]), -1.0 if group["maximize"] else 1.0, scale,
+            1.0 if coefs is None else float(coefs[i]),
+        ]
+        slot = (pr, real_view(g), real_view(st["square_avg"]), real_view(st["acc_delta"]))
+        by_key[key].append((item, slot, row))
+
+    global _failed
+    tables: dict[tuple, Tensor] = {}  # one small tensor per distinct row (usually one per param group)
+    for key, items in by_key.items():
+        if _failed:
+            rest.extend(item for item, _, _ in items)
+            continue
+        hyper = []
+        for _, _, row in items:
+            h = tables.get(tuple(row))
+            if h is None:
+                h = tables[tuple(row)] = torch.tensor(row, dtype=compute_dtype(key[0]))
+            hyper.append(h)
+        try:
+            fused_update_([slot for _, slot, _ in items], hyper)
+        except Exception as exc:  # a failing compilation raises before its call writes anything
+            _failed = True
+            warnings.warn(
+                f"triton_adadelta: the compiled CPU path is disabled ({type(exc).__name__}: {exc}); "
+                "using the PyTorch path", RuntimeWarning, stacklevel=3,
+            )
+            rest.extend(item for item, _, _ in items)
+            continue
+        for item, _, _ in items:
+            opt.state[item[1][2]]["step"].add_(1)
+    rest.sort(key=lambda item: item[0])
+    return rest

@@ -1,0 +1,406 @@
+"""Checks that run before the optimizer changes anything, and the device-side non-finite flag.
+
+Every public entry point of :class:`triton_adadelta.Adadelta` (``__init__``, ``add_param_group``,
+``step``, ``load_state_dict``) calls into this module first. A check either returns or raises a
+``TypeError`` (wrong kind of thing), ``ValueError`` (right kind, bad value or bad structure) or
+``RuntimeError`` (torch's choice for gradient errors), with a message naming the parameter or key
+at fault. Nothing here writes to parameters, gradients or state, so a failed call leaves them as
+they were.
+
+The checks that run on every ``step()`` look at tensor metadata only (shape, dtype, device,
+layout) and at Python hyperparameters: they never read a device tensor, so they never make the
+host wait for the device.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Mapping
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "PARAM_DTYPES",
+    "STATE_DTYPES",
+    "check_hyperparameters",
+    "check_options",
+    "check_param_group",
+    "check_step",
+    "check_state_dict",
+    "nonfinite_flag",
+]
+
+PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_BOOL_OPTIONS = ("maximize", "capturable", "differentiable", "stochastic_rounding", "master_weights",
+                 "skip_nonfinite")
+_OPTIONAL_BOOL_OPTIONS = ("foreach", "fused")
+# state_dict keys this class writes besides torch's two.
+STATE_DICT_EXTRA_KEYS = ("skipped_steps",)
+
+
+# ------------------------------------------------------------------------------------- hyperparameters
+def _number(name: str, value: Any, allow_tensor: bool) -> Optional[float]:
+    """The value as a float, None for a tensor whose value may not be read; TypeError for non-numbers."""
+    if isinstance(value, Tensor):
+        if not allow_tensor:
+            return None
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real number, got a tensor of dtype {value.dtype}")
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element")
+        if value.device.type == "meta":
+            return None
+        return float(value.reshape(()))
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def check_hyperparameters(read_tensors: bool = True, **hp: Any) -> None:
+    """Validate any of ``lr``, ``rho``, ``eps``, ``weight_decay`` that are given.
+
+    Contract: ``0 <= lr < inf``, ``0 <= rho <= 1``, ``0 <= eps < inf``, ``0 <= weight_decay < inf``;
+    NaN fails every range. Messages are torch.optim.Adadelta's ("Invalid learning rate: nan").
+    ``lr`` may be a 1-element tensor; with ``read_tensors=False`` (inside step()) a tensor's value is
+    not read, so no host-device synchronisation happens, and only its shape and dtype are checked.
+    """
+    if "lr" in hp:
+        lr = hp["lr"]
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        v = _number("lr", lr, read_tensors)
+        if v is not None and not 0.0 <= v < math.inf:
+            raise ValueError(f"Invalid learning rate: {v if isinstance(lr, Tensor) else lr}")
+    for name, label, upper in (("rho", "rho", 1.0), ("eps", "epsilon", math.inf),
+                               ("weight_decay", "weight_decay", math.inf)):
+        if name in hp:
+            v = _number(name, hp[name], read_tensors)
+            ok = v is None or (0.0 <= v <= upper if upper == 1.0 else 0.0 <= v < upper)
+            if not ok:
+                raise ValueError(f"Invalid {label} value: {hp[name]}")
+
+
+def check_options(group: Mapping[str, Any]) -> None:
+    """Validate the non-numeric options of a (defaults-merged) param group.
+
+    Flags must be ``bool`` (a string such as ``"False"`` would silently read as true); ``foreach`` and
+    ``fused`` may also be None; ``state_dtype`` is None or a floating dtype the flat state supports.
+    """
+    for name in _BOOL_OPTIONS:
+        if name in group and not isinstance(group[name], bool):
+            raise TypeError(f"{name} must be a bool, got {type(group[name]).__name__} {group[name]!r}")
+    for name in _OPTIONAL_BOOL_OPTIONS:
+        if name in group and group[name] is not None and not isinstance(group[name], bool):
+            raise TypeError(f"{name} must be a bool or None, got {type(group[name]).__name__} {group[name]!r}")
+    sdt = group.get("state_dtype")
+    if sdt is not None and sdt not in STATE_DTYPES:
+        raise TypeError(f"state_dtype must be a floating point dtype or None, got {sdt}")
+    if group.get("fused") and group.get("differentiable"):
+        raise RuntimeError("`fused` does not support `differentiable`")
+    if group.get("fused") and group.get("foreach"):
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+# ------------------------------------------------------------------------------------- parameters
+def _param_list(params: Any) -> list:
+    """``param_group["params"]`` as a list, as torch's add_param_group would make it."""
+    if isinstance(params, Tensor):
+        return [params]
+    if isinstance(params, set):
+        raise TypeError(
+            "optimizer parameters need to be organized in ordered collections, but "
+            "the ordering of tensors in sets will change between runs. Please use a list instead."
+        )
+    if not isinstance(params, Iterable):
+        raise TypeError(f"params must be a tensor or an iterable of tensors, got {type(params).__name__}")
+    return list(params)
+
+
+def _tensor_of(entry: Any) -> Any:
+    # torch accepts (name, tensor) pairs for named parameters.
+    return entry[1] if isinstance(entry, tuple) and len(entry) == 2 else entry
+
+
+def check_param_group(
+    param_group: Any,
+    defaults: Mapping[str, Any],
+    existing_groups: list[dict[str, Any]],
+    device_ok: Callable[[torch.device], Optional[str]],
+) -> None:
+    """Validate a param group before it is added; its ``params`` entry becomes a list (as torch does).
+
+    Contract: a dict with ``params``: tensors (or (name, tensor) pairs) of a dtype in
+    :data:`PARAM_DTYPES`, leaves unless ``differentiable``, each once, none already in
+    ``existing_groups``; hyperparameters and options valid once merged with ``defaults``; with
+    ``fused=True`` every parameter on a device the kernel can run on (``device_ok`` returns None,
+    or the reason it cannot).
+    """
+    if not isinstance(param_group, dict):
+        raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+    if "params" not in param_group:
+        raise ValueError("param_group has no 'params' entry")
+    # A generator can be read once: keep the list so torch's add_param_group sees the same tensors.
+    param_group["params"] = params = _param_list(param_group["params"])
+    merged = {**defaults, **param_group}
+    check_hyperparameters(**{k: merged[k] for k in ("lr", "rho", "eps", "weight_decay") if k in merged})
+    check_options(merged)
+
+    tensors = [_tensor_of(e) for e in params]
+    seen: dict[int, int] = {}
+    for i, p in enumerate(tensors):
+        if not isinstance(p, Tensor):
+            raise TypeError("optimizer can only optimize Tensors, but one of the params is " + torch.typename(p))
+        if not merged.get("differentiable") and not (p.is_leaf or p.retains_grad):
+            raise ValueError("can't optimize a non-leaf Tensor")
+        if p.dtype not in PARAM_DTYPES:
+            raise TypeError(
+                f"parameter {i} of the group has dtype {p.dtype}: Adadelta updates floating point and complex "
+                f"parameters only ({', '.join(str(d) for d in PARAM_DTYPES)})"
+            )
+        if p.layout != torch.strided:
+            raise TypeError(f"parameter {i} of the group has layout {p.layout}: only dense parameters are supported")
+        if id(p) in seen:
+            # torch only warns; with flat state the kernel would update the tensor twice in one launch.
+            raise ValueError(
+                f"parameter {i} of the group is the same tensor as parameter {seen[id(p)]}: "
+                "each parameter may appear in a group once"
+            )
+        seen[id(p)] = i
+    for gi, group in enumerate(existing_groups):
+        for p in group["params"]:
+            if id(p) in seen:
+                raise ValueError(
+                    "some parameters appear in more than one parameter group "
+                    f"(parameter {seen[id(p)]} of the new group is already in group {gi})"
+                )
+    if merged.get("fused"):
+        for p in tensors:
+            why = device_ok(p.device)
+            if why is not None:
+                raise RuntimeError(
+                    f"`fused=True` requires CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); "
+                    f"got a parameter on {p.device}: {why}"
+                )
+
+
+# ------------------------------------------------------------------------------------- step
+def _allowed_grad_dtype(p: Tensor, g: Tensor) -> bool:
+    # float32 gradients for 16-bit parameters are the mixed-precision accumulation case the kernel reads.
+    return g.dtype == p.dtype or (p.dtype in _LOW_PRECISION and g.dtype == torch.float32)
+
+
+def _check_flag(name: str, t: Any) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__}")
+    if t.numel() != 1:
+        raise ValueError(f"{name} must have one element, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating point tensor, got {t.dtype}")
+
+
+def check_step(
+    param_groups: list[dict[str, Any]],
+    state: Mapping[Tensor, dict[str, Any]],
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+) -> None:
+    """Validate everything a step will read, before it writes anything. Metadata only: no synchronisation.
+
+    Contract: hyperparameters and options of every group valid (tensor values are not read); no
+    parameter in two groups or twice in one; for every parameter with a gradient: parameter dtype in
+    :data:`PARAM_DTYPES`, gradient dense, of the parameter's shape and device, of the parameter's
+    dtype (or float32 for a bfloat16/float16 parameter); existing state of the parameter's shape and
+    device; ``grad_scale`` / ``found_inf`` None or one-element floating tensors.
+    """
+    _check_flag("grad_scale", grad_scale)
+    _check_flag("found_inf", found_inf)
+    seen: dict[int, tuple[int, int]] = {}
+    for gi, group in enumerate(param_groups):
+        check_hyperparameters(read_tensors=False, lr=group["lr"], rho=group["rho"], eps=group["eps"],
+                              weight_decay=group["weight_decay"])
+        check_options(group)
+        for pi, p in enumerate(group["params"]):
+            where = f"parameter {pi} of group {gi}"
+            if id(p) in seen:
+                raise ValueError(
+                    f"{where} is also parameter {seen[id(p)][1]} of group {seen[id(p)][0]}: "
+                    "each parameter may appear once in an optimizer"
+                )
+            seen[id(p)] = (gi, pi)
+            g = p.grad
+            if g is None:
+                continue
+            if g.layout != torch.strided:
+                raise RuntimeError("Adadelta does not support sparse gradients")
+            if p.dtype not in PARAM_DTYPES:
+                raise TypeError(f"{where} has dtype {p.dtype}: Adadelta updates floating point and complex "
+                                "parameters only")
+            if g.shape != p.shape:
+                raise RuntimeError(
+                    f"the gradient of {where} has shape {tuple(g.shape)}, but the parameter has shape {tuple(p.shape)}"
+                )
+            if g.device != p.device:
+                raise RuntimeError(f"the gradient of {where} is on {g.device}, but the parameter is on {p.device}")
+            if not _allowed_grad_dtype(p, g):
+                extra = " or torch.float32" if p.dtype in _LOW_PRECISION else ""
+                raise TypeError(f"the gradient of {where} has dtype {g.dtype}; expected {p.dtype}{extra}")
+            st = state.get(p)
+            if st:
+                v = st.get("square_avg")
+                if isinstance(v, Tensor) and (v.shape != p.shape or v.device != p.device):
+                    raise RuntimeError(
+                        f"the state of {where} has shape {tuple(v.shape)} on {v.device}, but the parameter now "
+                        f"has shape {tuple(p.shape)} on {p.device}: it was resized or moved after its state was "
+                        "created"
+                    )
+
+
+# ------------------------------------------------------------------------------------- state_dict
+def _check_slot(where: str, name: str, value: Any, p: Tensor) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{where}: '{name}' must be a tensor, got {type(value).__name__}")
+    if value.layout != torch.strided or value.device.type == "meta":
+        raise TypeError(f"{where}: '{name}' must be a dense tensor with data, got {value.layout} on {value.device}")
+    if value.shape != p.shape:
+        raise ValueError(f"{where}: '{name}' has shape {tuple(value.shape)}, but the parameter has shape "
+                         f"{tuple(p.shape)}")
+    if p.is_complex():
+        if not value.is_complex():
+            raise TypeError(f"{where}: '{name}' has dtype {value.dtype}, but the parameter is complex ({p.dtype})")
+    elif not value.is_floating_point():
+        raise TypeError(f"{where}: '{name}' has dtype {value.dtype}; expected a floating point dtype")
+
+
+def _check_step_value(where: str, value: Any) -> None:
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{where}: 'step' must be a one-element real tensor or a number, got "
+                            f"{value.dtype} of shape {tuple(value.shape)}")
+        if value.device.type == "meta":
+            raise TypeError(f"{where}: 'step' is on the meta device and holds no value")
+        v = float(value.reshape(()))
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        v = float(value)
+    else:
+        raise TypeError(f"{where}: 'step' must be a one-element real tensor or a number, got {type(value).__name__}")
+    if not (math.isfinite(v) and v >= 0 and v == int(v)):
+        raise ValueError(f"{where}: 'step' must be a non-negative whole number, got {v}")
+
+
+def check_state_dict(
+    state_dict: Any,
+    param_groups: list[dict[str, Any]],
+    state_names: Callable[[dict[str, Any], Tensor], tuple[set[str], set[str]]],
+    device_ok: Callable[[torch.device], Optional[str]],
+) -> list[dict[str, Any]]:
+    """Validate a state_dict against the optimizer's ``param_groups``; return the merged groups.
+
+    Contract: a mapping with ``state`` and ``param_groups`` (and at most the keys of
+    :data:`STATE_DICT_EXTRA_KEYS` besides); as many groups as the optimizer, of the same sizes, each
+    saved index once; merged hyperparameters and options valid; state only for saved indices; each
+    state entry empty or holding every required name of ``state_names(group, p)`` (required, allowed)
+    and no other: ``step`` a non-negative whole number, the others tensors of the parameter's shape
+    and a floating dtype (complex for a complex parameter). The merged groups are the optimizer's
+    groups updated with the saved settings, ``params`` kept.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+    for key in ("state", "param_groups"):
+        if key not in state_dict:
+            raise ValueError(f"loaded state dict has no '{key}' entry")
+    unknown = [k for k in state_dict if k not in ("state", "param_groups") + STATE_DICT_EXTRA_KEYS]
+    if unknown:
+        raise ValueError(f"loaded state dict has unknown keys {unknown}")
+    saved_groups = state_dict["param_groups"]
+    if not isinstance(saved_groups, (list, tuple)) or not all(isinstance(g, Mapping) for g in saved_groups):
+        raise TypeError("loaded state dict's 'param_groups' must be a list of dicts")
+    if len(param_groups) != len(saved_groups):
+        raise ValueError("loaded state dict has a different number of parameter groups")
+    for g, sg in zip(param_groups, saved_groups):
+        if "params" not in sg or not isinstance(sg["params"], (list, tuple)):
+            raise ValueError("loaded state dict has a parameter group without a 'params' list")
+        if len(g["params"]) != len(sg["params"]):
+            raise ValueError(
+                "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
+            )
+    id_map: dict[Any, tuple[Tensor, dict[str, Any]]] = {}
+    merged_groups = []
+    for gi, (g, sg) in enumerate(zip(param_groups, saved_groups)):
+        merged = dict(g)
+        merged.update({k: v for k, v in sg.items() if k != "params"})
+        check_hyperparameters(**{k: merged[k] for k in ("lr", "rho", "eps", "weight_decay") if k in merged})
+        check_options(merged)
+        if merged.get("fused"):
+            for p in g["params"]:
+                why = device_ok(p.device)
+                if why is not None:
+                    raise RuntimeError(f"loaded state dict sets `fused=True` for group {gi}, but a parameter is on "
+                                       f"{p.device}: {why}")
+        merged_groups.append(merged)
+        for old_id, p in zip(sg["params"], g["params"]):
+            # torch.optim accepts any hashable id; torch.distributed.checkpoint's set_optimizer_state_dict
+            # passes parameter names (FQN strings) in place of indices.
+            if isinstance(old_id, bool) or not isinstance(old_id, (int, str)):
+                raise TypeError(f"loaded state dict has a parameter index {old_id!r} that is not an int or a name")
+            if old_id in id_map:
+                raise ValueError(f"loaded state dict lists parameter index {old_id} twice")
+            id_map[old_id] = (p, merged)
+
+    saved_state = state_dict["state"]
+    if not isinstance(saved_state, Mapping):
+        raise TypeError("loaded state dict's 'state' must be a dict")
+    for k, entry in saved_state.items():
+        if k not in id_map:
+            raise ValueError(f"loaded state dict has state for an unknown parameter index {k}")
+        if not isinstance(entry, Mapping):
+            raise TypeError(f"loaded state dict: the state of parameter {k} must be a dict, got {type(entry).__name__}")
+        if not entry:
+            continue
+        p, group = id_map[k]
+        where = f"loaded state dict, parameter {k}"
+        required, allowed = state_names(group, p)
+        unknown = sorted(set(entry) - allowed)
+        if unknown:
+            raise ValueError(f"{where}: unknown state keys {unknown} (expected {sorted(allowed)})")
+        missing = sorted(required - set(entry))
+        if missing:
+            raise ValueError(f"{where}: missing state keys {missing}")
+        for name, value in entry.items():
+            if name == "step":
+                _check_step_value(where, value)
+            elif name in ("square_avg", "acc_delta", "master"):
+                _check_slot(where, name, value, p)
+    if "skipped_steps" in state_dict:
+        _check_step_value("loaded state dict, skipped_steps", state_dict["skipped_steps"])
+    return merged_groups
+
+
+# ------------------------------------------------------------------------------------- non-finite gradients
+def nonfinite_flag(grads: list[Tensor], device: torch.device) -> Tensor:
+    """A 0-d bool tensor on ``device``: True when any element of ``grads`` is NaN or +-Inf.
+
+    Computed on the device, without a host synchronisation: the max-abs norm of each gradient
+    (``_foreach_norm`` with ord=inf reads every gradient once and propagates NaN), then a small
+    reduction. Max-abs, not the 2-norm: squaring a large finite gradient would overflow and flag it.
+    Complex gradients are read as their real views for the same reason (|a + bi| can overflow).
+    Empty gradients are finite and skipped (the inf-norm of nothing is undefined).
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for g in grads:
+        if g.numel() == 0:
+            continue
+        r = torch.view_as_real(g) if g.is_complex() else g
+        groups.setdefault((r.device, r.dtype), []).append(r)
+    flag = torch.zeros((), dtype=torch.bool, device=device)
+    for (dev, _), ts in groups.items():
+        norms = torch._foreach_norm(ts, float("inf"))
+        bad = ~torch.stack(norms).isfinite().all()
+        flag |= bad.to(device, non_blocking=True) if dev != device else bad
+    return flag
