@@ -30,7 +30,9 @@ bf16, fp16, fp32, fp64, c64 = torch.bfloat16, torch.float16, torch.float32, torc
 
 # name: (parameter dtypes, device, optimizer options, steps whose gradients hold a NaN)
 MODES = {
-    "default": ([fp32, fp64, c64, fp32], "cpu", {}, ()),
+    # Default options: without a GPU, float64 takes the PyTorch path and the rest the interpreted kernel.
+    "default": ([fp32, fp64, c64, bf16], KERNEL_DEVICE, {}, ()),
+    "reference": ([fp32, fp64, c64, fp16], "cpu", dict(fused=False), ()),
     "fused": ([fp32, bf16, fp32, bf16], KERNEL_DEVICE, dict(fused=True), ()),
     "stochastic-reference": ([bf16] * 4, "cpu", dict(fused=False, stochastic_rounding=True, state_dtype=bf16), ()),
     "stochastic-fused": ([bf16] * 4, KERNEL_DEVICE, dict(fused=True, stochastic_rounding=True, state_dtype=bf16), ()),

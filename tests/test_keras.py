@@ -380,6 +380,9 @@ def test_apply_gradients_missing_gradient_and_adoption(path):
                 opt.get_slot(variables[1], "accum_grad")
             assert np.array_equal(_np(variables[1]), values[1])
     assert int(opt.iterations) == 3
+    for v in variables:  # adopted variables got their state in the flat buffers (views, not copies)
+        flat = opt._flat_of(v)
+        assert opt.state[v]["square_avg"].untyped_storage().data_ptr() == flat.square_avg.untyped_storage().data_ptr()
     for i, v in enumerate(variables):
         assert v.grad is None  # never set, and not left behind
         _close(v, values[i], torch.float32, f"variable {i}")
@@ -728,6 +731,20 @@ def test_squared_norms_against_numpy(fused):
         assert torch.equal(out, again)  # a fixed summation order: bit-identical reruns
 
 
+@pytest.mark.parametrize("clip", [c for c in CLIPS if c != "none"])
+def test_clip_gradients_function_matches_keras(clip):
+    g = torch.Generator().manual_seed(21)
+    grads = [torch.randn(s, generator=g) * k for s, k in zip(SHAPES, SCALES)]
+    originals = [t.clone() for t in grads]
+    out = clipping.clip_gradients(grads, **CLIPS[clip])
+    expected = KerasAdadelta(**CLIPS[clip]).clip([_np(t) for t in grads])
+    for o, e in zip(out, expected):
+        _close(o, e, torch.float32, clip)
+    assert all(torch.equal(a, b) for a, b in zip(grads, originals))  # inputs untouched
+    with pytest.raises(ValueError, match="Cannot accept both"):
+        clipping.multipliers(torch.ones(3), clipnorm=1.0, global_clipnorm=1.0)
+
+
 @needs_kernel
 def test_norm_kernel_propagates_nan_and_inf():
     grads = [torch.tensor([1.0, float("nan")]), torch.tensor([float("inf"), 2.0]), torch.tensor([3.0])]
@@ -834,3 +851,16 @@ def test_fused_step_with_clipping_does_not_synchronise():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert int(opt.iterations) == 3
+
+
+def test_docs_migration_example_runs():
+    """The runnable examples of docs/keras.md, as written there."""
+    import os
+    import re
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "keras.md")
+    with open(path) as f:
+        blocks = re.findall(r"```python\n(# runnable\n.*?)```", f.read(), flags=re.S)
+    assert blocks, "docs/keras.md lost its runnable example"
+    for block in blocks:
+        exec(compile(block, "docs/keras.md", "exec"), {})

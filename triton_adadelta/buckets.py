@@ -33,7 +33,10 @@ class StateKey(NamedTuple):
     device: torch.device
     param_dtype: torch.dtype  # of the real view
     state_dtype: torch.dtype
-    master: bool
+    master: int  # MASTER_NONE, MASTER_FP32 or MASTER_REMAINDER (a bool reads as the first two)
+
+
+MASTER_NONE, MASTER_FP32, MASTER_REMAINDER = 0, 1, 2
 
 
 def is_dtensor(t: Tensor) -> bool:
@@ -161,7 +164,9 @@ class FlatState:
         self.square_avg = torch.zeros(0, dtype=sdt, device=dev)
         self.acc_delta = torch.zeros(0, dtype=sdt, device=dev)
         self.steps = torch.zeros(0, dtype=torch.float32, device=dev)
-        self.master: Optional[Tensor] = torch.zeros(0, dtype=torch.float32, device=dev) if key.master else None
+        # float32 master weights, or (remainder mode) the int16 low halves that make a bf16 parameter float32.
+        mdt = torch.int16 if key.master == MASTER_REMAINDER else torch.float32
+        self.master: Optional[Tensor] = torch.zeros(0, dtype=mdt, device=dev) if key.master else None
 
     def __getstate__(self) -> dict:
         # The index is keyed by object identity, which a copy does not keep: rebuilt on load.
@@ -175,7 +180,8 @@ class FlatState:
         return id(p) in self.index
 
     def add(self, new_params: list[Tensor]) -> None:
-        """Append segments for ``new_params`` (zero state, step 0; master = the parameter's value).
+        """Append segments for ``new_params`` (zero state, step 0; master = the parameter's value,
+        a zero remainder in remainder mode: the parameter is then its own float32 value).
 
         The buffers are reallocated once and the old contents copied; views handed out before
         are stale afterwards, so callers rebind them with :meth:`views`.
@@ -196,7 +202,7 @@ class FlatState:
         self.steps = grow(self.steps, len(offsets))
         if self.master is not None:
             self.master = grow(self.master, size)
-            for p, off in zip(new_params, offsets[len(self.params):]):
+            for p, off in zip(new_params, offsets[len(self.params):] if self.key.master == MASTER_FP32 else []):
                 flat = real_view(local(p.detach())).reshape(-1)
                 self.master[off: off + flat.numel()].copy_(flat)
         for p in new_params:

@@ -74,10 +74,12 @@ class LearningRateSchedule:
         raise NotImplementedError
 
     def get_config(self) -> dict[str, Any]:
+        """The constructor's arguments as a JSON-serialisable dict."""
         raise NotImplementedError
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> LearningRateSchedule:
+        """The schedule :meth:`get_config` describes."""
         return cls(**config)
 
 
@@ -446,6 +448,7 @@ class KerasOptimizerMixin:
 
     @property
     def rho(self) -> float:
+        """The first group's rho (Keras' one value); setting it sets every group's, validated."""
         return self.param_groups[0]["rho"]
 
     @rho.setter
@@ -455,6 +458,7 @@ class KerasOptimizerMixin:
 
     @property
     def epsilon(self) -> float:
+        """Keras' name for eps: the first group's; setting it sets every group's, validated."""
         return self.param_groups[0]["eps"]
 
     @epsilon.setter
@@ -464,6 +468,7 @@ class KerasOptimizerMixin:
 
     @property
     def decay(self) -> float:
+        """Keras' time decay: ``lr_t = lr / (1 + decay * iterations)``; setting it sets every group's."""
         return self.param_groups[0].get("decay", 0.0)
 
     @decay.setter
@@ -593,7 +598,8 @@ class KerasOptimizerMixin:
             if self._iterations_host is not None:
                 self._iterations_host += 1
         else:
-            it.add_((found_inf.to(it.device).reshape(()) == 0).to(it.dtype))
+            flag = found_inf.to(it.device, non_blocking=it.device.type != "cpu").reshape(())
+            it.add_((flag == 0).to(it.dtype))
             self._iterations_host = None if it.device.type != "cpu" else int(it)
         self._iterations_version = it._version
 

@@ -309,6 +309,8 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
                 # it was created, so the flat layout (and with it the stochastic-rounding streams,
                 # which follow the flat offsets) comes back exactly as it was before saving.
                 self._ensure_state([(group_of[id(p)], [p]) for _, p, _ in loaded])
+                # ... and self.state in the saved order too, so the next state_dict() lists it the same way.
+                self.state = defaultdict(dict, [(p, self.state[p]) for _, p, _ in loaded])
                 for _, p, saved in loaded:
                     st = self.state[p]
                     master = saved.get("master")
@@ -574,7 +576,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         on_device = found_inf is not None and any(e[1]["capturable"] for _, e in indexed_entries)
         if found_inf is not None and not on_device and bool(found_inf.reshape(()) != 0):
             return
-        clip_value = None if coefs is None else coefs.clip_value
+        clip_value = getattr(coefs, "clip_value", None)
         if not on_device and clip_value is None:
             # Large CPU steps take the compiled fast path (one fused pass per tensor); it hands back
             # what it does not take (small steps, other devices and dtypes, stochastic rounding).

@@ -1,0 +1,227 @@
+"""One optimizer step: torch.optim.Adadelta (for-loop, foreach, torch.compile'd) against ours.
+
+Every benchmark records in ``extra_info`` what the report needs: parameters, tensors, the minimum
+bytes its update must move per parameter (the roofline: read p, g and both state tensors, write p
+and the state), the effective GB/s that gives, and the peak extra memory of one step. The
+device-to-device copy of the same number of bytes is benchmarked in the same run
+(``test_copy``), so bench/run.py can state each result as a percentage of copy bandwidth.
+
+Timing: wall clock of ``step()`` followed by a device synchronisation on CUDA (pytest-benchmark,
+warm-up rounds first, so torch.compile's and our compilation are not timed). ``test_host_overhead``
+times ``step()`` alone for 300 small tensors: on CUDA that is the host's work to launch a step.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+from typing import Any, Callable
+
+import pytest
+import torch
+from conftest import DEVICE, QUICK, SETS, numel, selected_sets
+
+from triton_adadelta import Adadelta
+
+IMPLS = ["torch-forloop", "torch-foreach", "torch-compiled", "ours"]
+# mode: (parameter and gradient dtype, state dtype of ours)
+MODES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ON_CPU = DEVICE.startswith("cpu")
+# torch.compile of torch's step takes minutes for the big sets on a small CPU; it is timed up to 10M there.
+CPU_COMPILED_MAX = 10_000_000
+
+
+def roofline_bytes(param_dtype: torch.dtype, state_dtype: torch.dtype) -> int:
+    """Bytes a parameter must move in one step: read p, g, square_avg, acc_delta; write p and both states."""
+    p, s = torch.tensor([], dtype=param_dtype).element_size(), torch.tensor([], dtype=state_dtype).element_size()
+    return 3 * p + 4 * s  # p read + written, g read; each state read + written
+
+
+def _state_dtype(impl: str, dtype: torch.dtype) -> torch.dtype:
+    # torch keeps state in the parameter's dtype; ours keeps float32 state by default.
+    return torch.float32 if impl == "ours" else dtype
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _make(shapes, dtype, device, seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    params = [torch.randn(s, dtype=dtype, device=device, generator=gen) for s in shapes]
+    grads = [torch.randn(s, dtype=dtype, device=device, generator=gen) for s in shapes]
+    for p, g in zip(params, grads):
+        p.grad = g
+    return params
+
+
+def make_step(impl: str, params: list[torch.Tensor]) -> tuple[torch.optim.Optimizer, Callable[[], Any]]:
+    """The optimizer and its step function for one implementation under test."""
+    if impl == "torch-forloop":
+        opt = torch.optim.Adadelta(params, foreach=False)
+        return opt, opt.step
+    if impl == "torch-foreach":
+        opt = torch.optim.Adadelta(params, foreach=True)
+        return opt, opt.step
+    if impl == "torch-compiled":
+        opt = torch.optim.Adadelta(params, foreach=True)
+
+        # PyTorch's recipe for a compiled optimizer step.
+        @torch.compile(fullgraph=False)
+        def compiled_step():
+            opt.step()
+
+        return opt, compiled_step
+    if impl == "ours":
+        opt = Adadelta(params)
+        return opt, opt.step
+    raise ValueError(impl)
+
+
+def _rss_peak() -> tuple[int, int]:
+    with open("/proc/self/status", encoding="ascii") as f:
+        status = f.read()
+    hwm = int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) * 1024
+    rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) * 1024
+    return hwm, rss
+
+
+def peak_extra_bytes(step: Callable[[], Any], device: torch.device) -> int:
+    """Memory allocated above the resting level during one step (CUDA allocator; CPU: resident set)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    try:
+        # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM) to the current one.
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        _, before = _rss_peak()
+        step()
+        peak, _ = _rss_peak()
+        return max(0, peak - before)
+    except OSError:
+        return -1  # not measurable here
+
+
+def _rounds(n: int) -> tuple[int, int]:
+    """(warm-up rounds, timed rounds) for a set of ``n`` parameters."""
+    if QUICK:
+        return 1, 1
+    if ON_CPU:
+        return (1, 5) if n >= 50_000_000 else (2, 10)
+    return (3, 10) if n >= 500_000_000 else (5, 30)
+
+
+def _cases():
+    for name in selected_sets():
+        for mode in MODES:
+            for impl in IMPLS:
+                marks = []
+                n = numel(SETS[name])
+                if impl == "torch-compiled" and ON_CPU and n > CPU_COMPILED_MAX:
+                    marks.append(pytest.mark.skip(reason="torch.compile of torch's step: timed up to 10M on CPU"))
+                if impl == "torch-compiled" and QUICK and mode != "fp32":
+                    marks.append(pytest.mark.skip(reason="quick run: one compiled torch step is enough"))
+                yield pytest.param(name, mode, impl, id=f"{name}-{mode}-{impl}", marks=marks)
+
+
+@pytest.mark.parametrize("set_name, mode, impl", list(_cases()))
+def test_step(benchmark, device, set_name, mode, impl):
+    shapes = SETS[set_name]
+    dtype = MODES[mode]
+    params = _make(shapes, dtype, device)
+    first_before = params[0].detach().flatten()[:1024].clone()
+    opt, step = make_step(impl, params)
+    warmup, rounds = _rounds(numel(shapes))
+
+    def timed():
+        step()
+        _sync(device)
+
+    for _ in range(warmup):  # compilation (ours on CPU, torch.compile) and first-touch happen here
+        timed()
+    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
+    peak = peak_extra_bytes(timed, device)
+
+    n = numel(shapes)
+    per_param = roofline_bytes(dtype, _state_dtype(impl, dtype))
+    benchmark.extra_info.update(
+        kind="step", set=set_name, mode=mode, impl=impl, params=n, tensors=len(shapes),
+        bytes_per_param=per_param, peak_extra_bytes=peak, device=_device_name(device),
+    )
+    if benchmark.stats is not None and not benchmark.disabled:
+        benchmark.extra_info["gbps"] = per_param * n / benchmark.stats.stats.median / 1e9
+    # The step really updated the parameters and kept them finite.
+    after = params[0].detach().flatten()[:1024]
+    assert not torch.equal(after, first_before), "the step changed nothing"
+    assert bool(torch.isfinite(after).all()) and bool(torch.isfinite(params[-1]).all())
+    assert all(len(opt.state[p]) > 0 for p in params)
+
+
+@pytest.mark.parametrize("set_name, mode", [(s, m) for s in selected_sets() for m in MODES],
+                         ids=lambda v: str(v))
+def test_copy(benchmark, device, set_name, mode):
+    """The ceiling: a device-to-device copy moving as many bytes as our fused step (half read, half written)."""
+    n = numel(SETS[set_name])
+    dtype = MODES[mode]
+    total = roofline_bytes(dtype, torch.float32) * n
+    src = torch.empty(total // 2, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    warmup, rounds = _rounds(n)
+
+    def timed():
+        dst.copy_(src)
+        _sync(device)
+
+    for _ in range(warmup):
+        timed()
+    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
+    benchmark.extra_info.update(kind="copy", set=set_name, mode=mode, params=n, bytes=2 * src.numel(),
+                                device=_device_name(device))
+    if benchmark.stats is not None and not benchmark.disabled:
+        benchmark.extra_info["gbps"] = 2 * src.numel() / benchmark.stats.stats.median / 1e9
+    assert torch.equal(dst[:4096], src[:4096])
+
+
+@pytest.mark.parametrize("impl", ["torch-forloop", "torch-foreach", "ours"])
+def test_host_overhead(benchmark, device, impl):
+    """300 tensors of 4096 elements: the cost of a step that is nearly all overhead.
+
+    On CUDA the timed call is ``step()`` without a synchronisation (the queue is drained before each
+    round): the host's time to launch one step. On CPU it is the whole step.
+    """
+    count = 30 if QUICK else 300
+    params = _make([(4096,)] * count, torch.float32, device)
+    opt, step = make_step(impl, params)
+    for _ in range(1 if QUICK else 5):
+        step()
+    _sync(device)
+    benchmark.pedantic(step, setup=lambda: _sync(device), rounds=1 if QUICK else 100, iterations=1,
+                       warmup_rounds=0)
+    _sync(device)
+    benchmark.extra_info.update(kind="host", impl=impl, tensors=count, params=4096 * count,
+                                device=_device_name(device))
+    assert bool(torch.isfinite(params[0]).all()) and float(opt.state[params[0]]["step"]) >= 2
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from triton_adadelta.compare import _cpu_name
+
+    return _cpu_name()
+
+
+@pytest.fixture(autouse=True)
+def _release(device):
+    """After each benchmark (its tensors gone with its frame), give the memory back before the next."""
+    yield
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
