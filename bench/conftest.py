@@ -4,6 +4,7 @@ Environment:
     BENCH_DEVICE   cuda or cpu (default: cuda when available)
     BENCH_QUICK=1  tiny sets only and one round: what CI runs, with --benchmark-disable (nothing timed)
     BENCH_SETS     comma-separated set names to run (default: by device, see DEFAULT_SETS)
+    BENCH_THREADS  torch.set_num_threads for CPU runs (default: torch's own choice)
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ os.environ["TRITON_INTERPRET"] = "0"
 
 DEVICE = os.environ.get("BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 QUICK = os.environ.get("BENCH_QUICK", "0") not in ("", "0")
+if os.environ.get("BENCH_THREADS"):
+    # On a CPU shared with other jobs, fewer threads than cores keeps OpenMP barriers from waiting on
+    # descheduled threads, which otherwise dominates every short parallel region.
+    torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
 
 
 def _uniform(total: int, count: int = 64) -> list[tuple[int, ...]]:
@@ -81,7 +86,7 @@ def numel(shapes: list[tuple[int, ...]]) -> int:
 
 
 def pytest_report_header(config):
-    return f"bench: device {DEVICE}, quick {QUICK}, sets {selected_sets()}"
+    return f"bench: device {DEVICE}, quick {QUICK}, sets {selected_sets()}, torch threads {torch.get_num_threads()}"
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ import datetime
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -56,7 +57,8 @@ def _run(cmd: list[str], env: dict[str, str], timeout: Optional[float]) -> tuple
 
 
 def _summary(stdout: str) -> str:
-    lines = [ln.strip("= ").strip() for ln in stdout.splitlines() if ln.startswith("=") and " in " in ln]
+    lines = [ln.strip("= ").strip() for ln in stdout.splitlines()
+             if re.search(r"\d+ (passed|failed|error)", ln) and " in " in ln]
     return lines[-1] if lines else "no summary (see the log)"
 
 
@@ -99,10 +101,12 @@ def render(results: str, kind: str) -> str:
     runs = {}
     for b in best.values():
         v = b["_versions"]
-        runs[(v.get("hardware", "?"), v.get("torch", "?"), v.get("triton", "?"), b["_date"][:16])] = True
+        threads = b["extra_info"].get("threads")
+        hw = v.get("hardware", "?") + (f", {threads} torch threads" if kind == "cpu" and threads else "")
+        runs[(hw, v.get("torch", "?"), v.get("triton", "?"), b["_date"][:16].replace("T", " "))] = True
     lines = ["Measured by `python bench/run.py` on:", ""]
     for hw, tv, trv, date in runs:
-        lines.append(f"- {hw}; torch {tv}, triton {trv}; {date} (UTC)")
+        lines.append(f"- {hw}; torch {tv}, triton {trv}; {date} UTC")
     lines += [
         "",
         "Median time of one `step()` in ms (lower is better). `ours GB/s` is the minimum traffic of our step "
@@ -175,6 +179,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--results", default=os.path.join(ROOT, "results", "bench"))
     ap.add_argument("--doc", default=os.path.join(ROOT, "docs", "benchmarks.md"))
     ap.add_argument("--timeout", type=float, default=None, help="seconds for each pytest run")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for CPU benchmarks")
     args = ap.parse_args(argv)
 
     versions = _versions()
@@ -189,6 +194,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         env.pop("BENCH_QUICK", None)
         if args.sets:
             env["BENCH_SETS"] = args.sets
+        if args.threads:
+            env["BENCH_THREADS"] = str(args.threads)
         if kind == "cuda" and not args.skip_tests:
             # On a GPU the tests run on the device (conftest leaves the interpreter off), sync-debug included.
             rc, out = _run([sys.executable, "-m", "pytest", "tests", "-q", "-rfEs"], env, args.timeout)
@@ -229,7 +236,7 @@ def _cpu(versions: dict[str, str]) -> str:
     sys.path.insert(0, ROOT)
     from triton_adadelta.compare import _cpu_name
 
-    return f"{_cpu_name()}, {os.cpu_count()} logical CPUs, {versions.get('threads')} torch threads"
+    return f"{_cpu_name()}, {os.cpu_count()} logical CPUs"
 
 
 if __name__ == "__main__":

@@ -154,6 +154,7 @@ def test_step(benchmark, device, set_name, mode, impl):
     benchmark.extra_info.update(
         kind="step", set=set_name, mode=mode, impl=impl, params=n, tensors=len(shapes),
         bytes_per_param=per_param, peak_extra_bytes=peak, device=_device_name(device),
+        threads=torch.get_num_threads(),
     )
     if benchmark.stats is not None and not benchmark.disabled:
         benchmark.extra_info["gbps"] = per_param * n / benchmark.stats.stats.median / 1e9
@@ -183,7 +184,7 @@ def test_copy(benchmark, device, set_name, mode):
         timed()
     benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
     benchmark.extra_info.update(kind="copy", set=set_name, mode=mode, params=n, bytes=2 * src.numel(),
-                                device=_device_name(device))
+                                device=_device_name(device), threads=torch.get_num_threads())
     if benchmark.stats is not None and not benchmark.disabled:
         benchmark.extra_info["gbps"] = 2 * src.numel() / benchmark.stats.stats.median / 1e9
     assert torch.equal(dst[:4096], src[:4096])
@@ -206,7 +207,7 @@ def test_host_overhead(benchmark, device, impl):
                        warmup_rounds=0)
     _sync(device)
     benchmark.extra_info.update(kind="host", impl=impl, tensors=count, params=4096 * count,
-                                device=_device_name(device))
+                                device=_device_name(device), threads=torch.get_num_threads())
     assert bool(torch.isfinite(params[0]).all()) and float(opt.state[params[0]]["step"]) >= 2
 
 

@@ -91,6 +91,29 @@ def _round_stochastic_fp16(x, rnd):
 
 
 @triton.jit
+def _join_remainder(high, low):
+    """float32 from a bfloat16 parameter (its high half) and the int16 remainder: bits = high << 16 + low."""
+    hi = high.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+    return (hi.to(tl.int32, bitcast=True) + low.to(tl.int32)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _split_remainder(x):
+    """float32 -> (bfloat16, int16 remainder) with join(split(x)) == x: reference.split_remainder.
+
+    The high half rounds to nearest, ties away from zero, so the remainder fits a signed 16-bit
+    integer; NaN becomes the canonical NaN first, so the round-up never carries out of a NaN.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = tl.where(x != x, 0x7FC00000, bits)
+    lo = bits & 0xFFFF
+    up = lo >> 15
+    high = ((bits >> 16) + up) << 16
+    low = lo.to(tl.int32) - (up << 16).to(tl.int32)
+    return _bf16_from_bits(high, high.to(tl.float32, bitcast=True)), low.to(tl.int16)
+
+
+@triton.jit
 def _random_bits(seed, ridx):
     """Three uniform 32-bit words per element from one Philox-4x32-10 call.
 
@@ -126,7 +149,9 @@ def _update_block(
     lr, rho, omr, eps, wd, sign, gscale, coef, clip,
     HAS_CLIP: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
 ):
-    if MASTER:
+    if MASTER == 2:
+        p = _join_remainder(tl.load(p_ptr + idx, mask=mask, other=0.0), tl.load(m_ptr + idx, mask=mask, other=0))
+    elif MASTER == 1:
         p = tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     else:
         p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
@@ -158,7 +183,11 @@ def _update_block(
         r_u = 0
     _store(v_ptr + idx, v, mask, r_v, STOCHASTIC)
     _store(u_ptr + idx, u, mask, r_u, STOCHASTIC)
-    if MASTER:
+    if MASTER == 2:
+        high, low = _split_remainder(p)
+        tl.store(p_ptr + idx, high, mask=mask)
+        tl.store(m_ptr + idx, low, mask=mask)
+    elif MASTER == 1:
         tl.store(m_ptr + idx, p, mask=mask)
         _store(p_ptr + idx, p, mask, r_p, False)
     else:
@@ -182,7 +211,7 @@ def adadelta_kernel(
     chunk_block,  # int32 [C]: block of that tensor handled by each program
     square_avg,  # flat state, state dtype
     acc_delta,  # flat state, state dtype
-    master,  # flat float32 master weights (read only when MASTER)
+    master,  # flat float32 master weights (MASTER == 1) or int16 remainders (MASTER == 2); else unused
     steps,  # float32: per-tensor step counts, read for the seed (the host increments them afterwards)
     hyper,  # float32 [G, HYPER_COLS]
     clip_coef,  # float32 [T]: per-tensor gradient multiplier (read only when HAS_CLIP)
@@ -201,7 +230,6 @@ def adadelta_kernel(
     pid = tl.program_id(0)
     t = tl.load(chunk_tensor + pid)
     block = tl.load(chunk_block + pid).to(tl.int64)
-    n = tl.load(tensor_meta + t * META_COLS + META_NUMEL)
     offset = tl.load(tensor_meta + t * META_COLS + META_OFFSET)
     step_slot = tl.load(tensor_meta + t * META_COLS + META_STEP)
     row = tl.load(tensor_meta + t * META_COLS + META_GROUP) * HYPER_COLS
@@ -231,27 +259,28 @@ def adadelta_kernel(
         seed = key1 * 4294967296 + tl.load(steps + step_slot).to(tl.int64)
 
     if skip == 0.0:
-        p_ptr = tl.load(param_table + t).to(tl.pointer_type(P_DTYPE))
-        g_ptr = tl.load(param_table + num_tensors + t).to(tl.pointer_type(G_DTYPE))
         aligned = tl.load(param_table + 2 * num_tensors + t)
-        start = block * BLOCK
+        # State offsets are padded to 64 elements and blocks start at multiples of BLOCK: always true hints.
+        offset = tl.multiple_of(offset, 64)
+        start = tl.multiple_of(block * BLOCK, BLOCK)
+        idx = start + tl.arange(0, BLOCK)
         if aligned != 0:
-            # The host checked: both addresses are 16-byte aligned and n is a multiple of VEC,
-            # and state offsets are always padded to 64 elements. These hints give 128-bit accesses.
-            p_ptr = tl.multiple_of(p_ptr, 16)
-            g_ptr = tl.multiple_of(g_ptr, 16)
-            n = tl.multiple_of(n, VEC)
-            offset = tl.multiple_of(offset, 64)
-            start = tl.multiple_of(start, BLOCK)
-            idx = start + tl.arange(0, BLOCK)
+            # The host checked: both addresses are 16-byte aligned and n is a multiple of VEC. A hint
+            # sticks to the operation that made the value, so this branch loads its own pointers and n:
+            # the other branch's values must stay free of the promise. (Loaded inline: a hint on the
+            # result of a @triton.jit call is lost when the call is inlined.)
+            p_ptr = tl.multiple_of(tl.load(param_table + t).to(tl.pointer_type(P_DTYPE)), 16)
+            g_ptr = tl.multiple_of(tl.load(param_table + num_tensors + t).to(tl.pointer_type(G_DTYPE)), 16)
+            n = tl.multiple_of(tl.load(tensor_meta + t * META_COLS + META_NUMEL), VEC)
             mask = idx < n  # the one mask: the tail of each tensor's last block
             _update_block(p_ptr, g_ptr, square_avg + offset, acc_delta + offset, master + offset, idx, mask,
                           seed, offset + idx, lr, rho, omr, eps, wd, sign, gscale, coef, clip,
                           HAS_CLIP, MASTER, STOCHASTIC)
         else:
-            idx = start + tl.arange(0, BLOCK)
+            p_ptr = tl.load(param_table + t).to(tl.pointer_type(P_DTYPE))
+            g_ptr = tl.load(param_table + num_tensors + t).to(tl.pointer_type(G_DTYPE))
+            n = tl.load(tensor_meta + t * META_COLS + META_NUMEL)
             mask = idx < n
             _update_block(p_ptr, g_ptr, square_avg + offset, acc_delta + offset, master + offset, idx, mask,
                           seed, offset + idx, lr, rho, omr, eps, wd, sign, gscale, coef, clip,
                           HAS_CLIP, MASTER, STOCHASTIC)
-

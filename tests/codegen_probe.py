@@ -29,7 +29,11 @@ def compile_ptx(arch: int, p: str, g: str, s: str) -> dict:
     options = {"num_warps": 4, "enable_fp_fusion": False}
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = compiled.asm["ptx"]
+    width = "b32" if p == "fp32" else "b16"
+    scalar_loads = [ln for ln in ptx.splitlines() if "ld.global" in ln and ".v2" not in ln and ".v4" not in ln]
     return {
+        # Loads of one parameter-sized element: the unaligned path must have them (no false promise).
+        "scalar_param_loads": sum(f".{width}" in ln or f".u{width[1:]}" in ln for ln in scalar_loads),
         "ld_v4": len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)),
         "st_v4": len(re.findall(r"st\.global(?:\.\w+)*\.v4", ptx)),
         "local": len(re.findall(r"\.local", ptx)),

@@ -1,6 +1,6 @@
 """FSDP2, DDP and distributed checkpoints with two ranks on CPU (gloo on 127.0.0.1).
 
-One pair of processes is spawned per test session (starting torch twice costs more than all the
+One pair of processes is spawned for this file (starting torch twice costs more than all the
 scenarios together) and runs every scenario in turn; each test below reads its scenario's outcome.
 The assertions run inside the ranks (``torch.testing.assert_close`` and ``assert``); a failure
 comes back as its traceback. Every scenario compares the distributed run with a single-process run
@@ -295,6 +295,8 @@ def _run_example(rank, name, code, port, tmp):
 
 def _worker(rank: int, port: int, example_ports: dict, tmp: str) -> None:
     os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors: the kernel runs in the interpreter
+    # These ranks are CPU-only (gloo), also on a GPU machine, where the docs examples would pick NCCL.
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
     results: dict[str, str] = {}
 
     def run(name, fn, *args):

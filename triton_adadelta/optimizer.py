@@ -12,7 +12,19 @@ import torch
 from torch import Tensor
 
 from . import _triton, clipping, cpu_fused, validation
-from .buckets import FlatState, LaunchPlan, StateKey, is_dtensor, local, refuse_during_capture, upload, upload_into
+from .buckets import (
+    MASTER_FP32,
+    MASTER_NONE,
+    MASTER_REMAINDER,
+    FlatState,
+    LaunchPlan,
+    StateKey,
+    is_dtensor,
+    local,
+    refuse_during_capture,
+    upload,
+    upload_into,
+)
 from .keras import EPS_DEFAULT, LR_DEFAULT, KerasOptimizerMixin, resolve_arguments
 from .reference import PhiloxStream, adadelta_update_, real_view
 
@@ -92,8 +104,15 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         state_dtype: dtype of square_avg and acc_delta; float32 by default for every parameter
             dtype (bf16 parameters with fp32 state). ``None`` means the parameter's dtype, as torch.
             float64 and complex parameters always keep state of their own precision.
-        stochastic_rounding: write bf16 parameters and 16-bit state with unbiased stochastic rounding.
-        master_weights: keep a float32 copy of bf16/fp16 parameters in the state and update that.
+        stochastic_rounding: round every bf16/fp16 write (parameters, 16-bit state) stochastically:
+            ``E[round(x)] = x``, NaN/Inf kept, finite values never rounded into Inf. The random bits
+            are a Philox stream keyed by the group's ``seed`` (drawn from ``torch.initial_seed()``,
+            saved in the state_dict) and the step, so a rerun is bit-identical, on either path.
+        master_weights: ``True`` keeps a float32 copy of bf16/fp16 parameters (``state["master"]``,
+            saved in the state_dict), updates it and rounds it to nearest into the parameter.
+            ``"remainder"`` (bf16 parameters only) keeps the int16 low halves instead: the bf16
+            parameter and its remainder are the same float32 value, for 2 bytes a parameter.
+            See docs/precision.md.
         skip_nonfinite: when any gradient of a step holds NaN or Inf, skip the whole step (parameters,
             state and step counts stay as they were), decided on the device without a host
             synchronisation; :attr:`skipped_steps` counts such steps. One extra read of the gradients.
@@ -117,7 +136,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         fused: Optional[bool] = None,
         state_dtype: Optional[torch.dtype] = torch.float32,
         stochastic_rounding: bool = False,
-        master_weights: bool = False,
+        master_weights: Union[bool, str] = False,
         skip_nonfinite: bool = False,
         learning_rate: Any = None,
         epsilon: Optional[float] = None,
@@ -245,7 +264,10 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         sdt = group["state_dtype"]
         if sdt is None or p.is_complex() or real == torch.float64:
             sdt = real
-        master = bool(group["master_weights"]) and real in (torch.bfloat16, torch.float16)
+        mode = group["master_weights"]
+        master = MASTER_NONE
+        if real in (torch.bfloat16, torch.float16) and mode:
+            master = MASTER_REMAINDER if mode == "remainder" else MASTER_FP32
         return StateKey(p.device, real, sdt, master)
 
     def _flat_of(self, p: Tensor) -> Optional[FlatState]:
@@ -314,10 +336,10 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
                 for _, p, saved in loaded:
                     st = self.state[p]
                     master = saved.get("master")
-                    if "master" in st and not (isinstance(master, Tensor) and master.dtype == torch.float32):
-                        # No float32 master saved (a torch.optim.Adadelta state_dict: it carries ours along
-                        # cast to the parameter dtype, and stale): take the parameter's value at the next
-                        # step, when a model checkpoint loaded after this call has been loaded too.
+                    if "master" in st and not (isinstance(master, Tensor) and master.dtype == st["master"].dtype):
+                        # No master of our kind saved (a torch.optim.Adadelta state_dict: it carries ours
+                        # along cast to the parameter dtype, and stale): take the parameter's value at the
+                        # next step, when a model checkpoint loaded after this call has been loaded too.
                         self._master_from_param.append(p)
                         saved = {k: v for k, v in saved.items() if k != "master"}
                     for name, value in saved.items():
@@ -395,13 +417,17 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
 
     @torch.no_grad()
     def _refresh_masters(self) -> None:
-        """master = parameter for the parameters load_state_dict found without a float32 master copy."""
+        """master = parameter (remainder = 0) for the parameters load_state_dict found without a master."""
         pending = getattr(self, "_master_from_param", None)
         while pending:
             p = pending.pop()
             st = self.state.get(p, {})
             if "master" in st:
-                local(st["master"]).copy_(local(p).detach())
+                m = local(st["master"])
+                if m.dtype == torch.int16:  # remainder mode: the bf16 parameter alone is the value
+                    m.zero_()
+                else:
+                    m.copy_(local(p).detach())
 
     def _scaler_tensors(
         self, device: torch.device, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]
@@ -577,7 +603,8 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         if found_inf is not None and not on_device and bool(found_inf.reshape(()) != 0):
             return
         clip_value = getattr(coefs, "clip_value", None)
-        if not on_device and clip_value is None:
+        capturable = any(e[1]["capturable"] for _, e in indexed_entries)  # that path reads lr on the host
+        if not on_device and clip_value is None and not capturable:
             # Large CPU steps take the compiled fast path (one fused pass per tensor); it hands back
             # what it does not take (small steps, other devices and dtypes, stochastic rounding).
             # It has no clamp, so Keras' clipvalue keeps a step on this path.
@@ -606,7 +633,9 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
                 rho=group["rho"], eps=group["eps"], weight_decay=group["weight_decay"],
                 maximize=group["maximize"], grad_scale=grad_scale,
                 clip_coef=None if coefs is None else coefs[i], clip_value=clip_value,
-                master=work[3] if master is not None else None,
+                # An int16 "master" is the remainder mode's low halves (FlatState); float32 is a full copy.
+                master=work[3] if master is not None and master.dtype == torch.float32 else None,
+                remainder=work[3] if master is not None and master.dtype == torch.int16 else None,
                 stochastic_rounding=group["stochastic_rounding"], rng=rng,
             )
             if on_device:
@@ -652,7 +681,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
                 plan.num_tensors,
                 P_DTYPE=_triton_dtype(key.param_dtype), G_DTYPE=_triton_dtype(gdtype),
                 BLOCK=_BLOCK, VEC=vec, HAS_CLIP=has_clip, HAS_SCALER=has_scaler,
-                MASTER=flat.master is not None, STOCHASTIC=stochastic,
+                MASTER=int(key.master), STOCHASTIC=stochastic,
                 num_warps=_NUM_WARPS,
                 enable_fp_fusion=False,  # no FMA contraction: the same rounding as torch's operations
             )

@@ -36,8 +36,7 @@ __all__ = [
 PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-_BOOL_OPTIONS = ("maximize", "capturable", "differentiable", "stochastic_rounding", "master_weights",
-                 "skip_nonfinite")
+_BOOL_OPTIONS = ("maximize", "capturable", "differentiable", "stochastic_rounding", "skip_nonfinite")
 _OPTIONAL_BOOL_OPTIONS = ("foreach", "fused")
 # state_dict keys this class writes besides torch's two.
 STATE_DICT_EXTRA_KEYS = ("skipped_steps",)
@@ -97,6 +96,14 @@ def check_options(group: Mapping[str, Any]) -> None:
     for name in _OPTIONAL_BOOL_OPTIONS:
         if name in group and group[name] is not None and not isinstance(group[name], bool):
             raise TypeError(f"{name} must be a bool or None, got {type(group[name]).__name__} {group[name]!r}")
+    mw = group.get("master_weights", False)
+    if not (isinstance(mw, bool) or (isinstance(mw, str) and mw == "remainder")):
+        raise TypeError(f"master_weights must be a bool or 'remainder', got {type(mw).__name__} {mw!r}")
+    seed = group.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 24:
+        raise ValueError(f"seed must be an integer in [0, 2**24), got {seed!r}")
+    if group.get("differentiable") and (mw or group.get("stochastic_rounding")):
+        raise ValueError("`differentiable` does not support `master_weights` or `stochastic_rounding`")
     sdt = group.get("state_dtype")
     if sdt is not None and sdt not in STATE_DTYPES:
         raise TypeError(f"state_dtype must be a floating point dtype or None, got {sdt}")
@@ -164,6 +171,9 @@ def check_param_group(
             )
         if p.layout != torch.strided:
             raise TypeError(f"parameter {i} of the group has layout {p.layout}: only dense parameters are supported")
+        if merged.get("master_weights") == "remainder" and p.dtype == torch.float16:
+            raise ValueError(f"parameter {i} of the group is float16: master_weights='remainder' needs bfloat16 "
+                             "parameters (the high half of a float32); use master_weights=True for float16")
         if id(p) in seen:
             # torch only warns; with flat state the kernel would update the tensor twice in one launch.
             raise ValueError(
@@ -274,7 +284,8 @@ def _check_slot(where: str, name: str, value: Any, p: Tensor) -> None:
     if p.is_complex():
         if not value.is_complex():
             raise TypeError(f"{where}: '{name}' has dtype {value.dtype}, but the parameter is complex ({p.dtype})")
-    elif not value.is_floating_point():
+    elif not value.is_floating_point() and not (name == "master" and value.dtype == torch.int16):
+        # (an int16 'master' is the low halves of master_weights='remainder')
         raise TypeError(f"{where}: '{name}' has dtype {value.dtype}; expected a floating point dtype")
 
 
