@@ -209,6 +209,7 @@ def test_optimizer_rounding_is_unbiased(fused, dtype):
     _assert_unbiased(opt.state[state]["square_avg"], want, dtype, "square_avg")
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, on purpose
 @pytest.mark.parametrize("fused", PATHS)
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_nan_inf_and_saturation(fused, dtype):
@@ -589,16 +590,20 @@ def test_bf16_training_reaches_the_fp32_loss(fused):
     updates, stochastic rounding and master weights land within a few percent of the float32 run."""
     dev = _device(fused)
     fp32 = _train(lambda ps: torch.optim.Adadelta(ps), torch.float32, "cpu")
-    start = float(((_regression()[0] @ _regression()[2] - _regression()[1]) ** 2).mean())
-    assert fp32 < 0.5 * start
+    x, y, w0 = _regression()
+    assert fp32 < 0.5 * float(((x @ w0 - y) ** 2).mean())  # the float32 run itself learns
     losses = {
         name: _train(lambda ps, kw=kw: Adadelta(ps, fused=fused, **kw), torch.bfloat16, dev)
         for name, kw in [("nearest", {}), ("stochastic", dict(stochastic_rounding=True)),
-                         ("master", dict(master_weights=True)), ("remainder", dict(master_weights="remainder"))]
+                         ("master", dict(master_weights=True))]
+        # Remainders hold the same float32 values as master weights (test_remainder_mode_is_exact_float32):
+        # trained here on the PyTorch path only, to keep the interpreter's time down.
+        + ([] if fused else [("remainder", dict(master_weights="remainder"))])
     }
     assert losses["stochastic"] < 1.05 * fp32, (fp32, losses)
     assert losses["master"] < 1.05 * fp32, (fp32, losses)
-    assert losses["remainder"] < 1.05 * fp32, (fp32, losses)
+    if "remainder" in losses:
+        assert losses["remainder"] < 1.05 * fp32, (fp32, losses)
     assert losses["nearest"] > 1.5 * fp32, (fp32, losses)
 
 

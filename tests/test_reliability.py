@@ -671,3 +671,80 @@ def test_skip_nonfinite_step_has_no_host_sync_on_gpu():
         torch.cuda.set_sync_debug_mode("default")
     assert int(opt.skipped_steps) == 1 and float(opt.state[params[0]]["step"]) == 2
 
+
+
+# ------------------------------------------------------------------------------------------ Keras entry points
+# The Keras layer (triton_adadelta/keras.py) validates these itself; here each bad call is made on a
+# trained optimizer and everything, iterations included, must be as it was.
+
+def _keras_cases(params):
+    v0, v1 = params[0], params[-1]
+    g0 = torch.randn(v0.shape, device=v0.device)
+    return {
+        "not-iterable": (lambda: 3, TypeError, "grads_and_vars must be an iterable"),
+        "not-a-pair": (lambda: [(g0,)], ValueError, "item 0 is tuple of length 1"),
+        "variable-not-tensor": (lambda: [(g0, "v")], TypeError, "item 0: optimizer can only optimize Tensors"),
+        "variable-twice": (lambda: [(g0, v0), (g0, v0)], ValueError, "item 1: the variable also appears as item 0"),
+        "gradient-not-tensor": (lambda: [(g0.tolist(), v0)], TypeError, "item 0: the gradient must be a tensor"),
+        "shape": (lambda: [(torch.randn(v1.numel() + 1, device=v1.device), v1)], ValueError,
+                  r"item 0: gradient shape \(41,\) does not match variable shape \(40,\)"),
+        "device": (lambda: [(torch.empty(v1.shape, device="meta"), v1)], ValueError, "item 0: the gradient is on meta"),
+        "int-gradient": (lambda: [(torch.ones(v1.shape, dtype=torch.int64, device=v1.device), v1)], TypeError,
+                         "item 0: gradient dtype torch.int64 does not fit variable dtype torch.float32"),
+        "complex-gradient": (lambda: [(torch.ones(v1.shape, dtype=torch.complex64, device=v1.device), v1)],
+                             TypeError, "gradient dtype torch.complex64 does not fit"),
+        "sparse": (lambda: [(torch.randn(v1.shape, device=v1.device).to_sparse(), v1)], RuntimeError,
+                   "Adadelta does not support sparse gradients"),
+        "all-none": (lambda: [(None, v0), (None, v1)], ValueError, "No gradients provided for any variable"),
+        "new-int-variable": (lambda: [(g0, v0), (torch.ones(3, device=v0.device), torch.zeros(3, dtype=torch.int64,
+                                                                                                device=v0.device))],
+                             TypeError, "has dtype torch.int64"),
+    }
+
+
+KERAS_CASES = list(_keras_cases([torch.zeros(7), torch.zeros(40)]))
+
+
+@pytest.mark.parametrize("fused, case", _cases(KERAS_CASES, {"shape", "new-int-variable"}))
+def test_apply_gradients_rejects_and_changes_nothing(fused, case):
+    opt, params, twin, twin_params = _make(fused)
+    make, exc, message = _keras_cases(params)[case]
+    before, iterations = snapshot(opt, params), int(opt.iterations)
+    with pytest.raises(exc, match=message):
+        opt.apply_gradients(make())
+    assert_same(before, snapshot(opt, params))
+    assert int(opt.iterations) == iterations
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(params)
+    _continue_equal(opt, params, twin, twin_params)
+
+
+@pytest.mark.parametrize("case", ["short", "long", "shape", "complex", "negative-iterations", "fractional-iterations"])
+def test_set_weights_rejects_and_changes_nothing(case):
+    opt, params, twin, twin_params = _make(False)
+    weights = opt.get_weights()
+    n = len(weights)
+    if case == "short":
+        bad, exc, message = weights[:-2], ValueError, f"with a weight list of length {n - 2}, but the optimizer was"
+    elif case == "long":
+        bad, exc, message = weights + [weights[-1]], ValueError, f"with a weight list of length {n + 1}"
+    elif case == "shape":
+        bad = list(weights)
+        bad[-1] = bad[-1].reshape(-1)[:-1]  # the last weight one element short
+        exc, message = ValueError, "Optimizer weight shape .* not compatible with provided weight shape"
+    elif case == "complex":
+        bad = [w.astype("complex64") if i == 2 else w for i, w in enumerate(weights)]
+        exc, message = TypeError, "a complex weight for a real optimizer weight"
+    else:
+        bad = list(weights)
+        bad[0] = bad[0] * 0 - 3 if case == "negative-iterations" else bad[0] + 0.5
+        exc, message = ValueError, "iterations"
+    # A real change in every other weight, so a half-applied call would show.
+    bad = [w if i == 0 else w * 2 + 1 for i, w in enumerate(bad)]
+    before, iterations = snapshot(opt, params), int(opt.iterations)
+    with pytest.raises(exc, match=message):
+        opt.set_weights(bad)
+    assert_same(before, snapshot(opt, params))
+    assert int(opt.iterations) == iterations
+    opt.step()
+    twin.step()
+    _continue_equal(opt, params, twin, twin_params)

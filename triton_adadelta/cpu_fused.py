@@ -17,9 +17,10 @@ Why it is shaped this way:
 * Shapes are dynamic and every tensor is passed flattened, so one compiled graph serves every
   model: no recompilation per model or per tensor size. Sizes 0 and 1 would be specialised by the
   compiler, so tensors with fewer than 2 elements stay on the reference path.
-* One compiled call per tensor. Several tensors per call would save some of the per-call overhead
-  (tens of microseconds), but torch.compile guards on which inputs share storage (the state
-  segments of one flat buffer do), so calls with different mixes would recompile.
+* ``GROUP`` tensors per compiled call, the remainder one per call: a compiled call costs tens of
+  microseconds of host overhead, as much as updating a 1M-element tensor takes. Calls are never
+  padded with scratch tensors, because torch.compile guards on which inputs share storage (the
+  state segments of one flat buffer do) and a different mix would recompile.
 * All hyperparameters (lr, rho, 1 - rho, eps, weight decay, sign, grad scale, clip coefficient)
   are values in a small per-step table, not Python constants: changing lr every step (schedulers)
   or switching weight decay on does not recompile. The table is float32, so every constant is
@@ -48,9 +49,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from .reference import compute_dtype, real_view
+from .reference import real_view
 
-__all__ = ["ENABLED", "MIN_NUMEL", "SUPPORTED", "available", "fused_update_", "step_"]
+__all__ = ["ENABLED", "MIN_NUMEL", "GROUP", "SUPPORTED", "PartialUpdate", "available", "fused_update_", "step_"]
 
 #: Set TRITON_ADADELTA_CPU_COMPILE=0 to keep every CPU step on the reference path.
 ENABLED: bool = os.environ.get("TRITON_ADADELTA_CPU_COMPILE", "1") not in ("0", "", "false", "False")
@@ -65,6 +66,9 @@ SUPPORTED = ((torch.float32, torch.float32), (torch.bfloat16, torch.float32), (t
 # Columns of the per-tensor hyperparameter table.
 _LR, _RHO, _OMR, _EPS, _WD, _SIGN, _SCALE, _CLIP = range(8)
 _COLS = 8
+
+#: Tensors per compiled call (the last ``len % GROUP`` tensors of a step go one per call).
+GROUP: int = 8
 
 _failed = False
 _compiled: dict[tuple, Callable[..., None]] = {}
@@ -100,14 +104,15 @@ def available() -> bool:
         return False
 
 
-def _compiled_for(key: tuple) -> Callable[..., None]:
-    fn = _compiled.get(key)
+def _compiled_for(key: tuple, width: int) -> Callable[..., None]:
+    """The compiled update of ``width`` tensors (1 or GROUP) with the dtypes ``key``."""
+    fn = _compiled.get((key, width))
     if fn is None:
         # A fresh code object per variant: torch.compile counts recompilations per code object,
-        # and dtype variants must not use up each other's budget.
-        code = _update_one.__code__.replace()
-        fresh = types.FunctionType(code, _update_one.__globals__, f"_adadelta_cpu_{len(_compiled)}")
-        fn = _compiled[key] = torch.compile(fresh, dynamic=True, fullgraph=True)
+        # and variants must not use up each other's budget.
+        base = _update_group if width == GROUP else _update_one
+        fresh = types.FunctionType(base.__code__.replace(), base.__globals__, f"_adadelta_cpu_{len(_compiled)}")
+        fn = _compiled[(key, width)] = torch.compile(fresh, dynamic=True, fullgraph=True)
     return fn
 
 
@@ -122,28 +127,60 @@ def _no_duck_shapes() -> Any:
         return contextlib.nullcontext()
 
 
-def fused_update_(slots: list[tuple[Tensor, Tensor, Tensor, Tensor]], hyper: list[Tensor]) -> None:
+def _update_group(h: Tensor, *t: Tensor) -> None:
+    # t: GROUP times (p, g, v, u), all 1-D; h: [GROUP, 8].
+    for j in range(GROUP):
+        _update_one(t[4 * j], t[4 * j + 1], t[4 * j + 2], t[4 * j + 3], h[j])
+
+
+def fused_update_(slots: list[tuple[Tensor, Tensor, Tensor, Tensor]], rows: list[list[float]]) -> None:
     """Apply one Adadelta step to every slot in place, one fused compiled pass per tensor.
 
     Args:
         slots: ``(param, grad, square_avg, acc_delta)`` per tensor: contiguous CPU tensors of the
             same number of elements (at least 2; complex tensors as their real views). All slots share
             the parameter, gradient and state dtypes.
-        hyper: one float32 tensor of 8 elements per slot (not a view: the compiled code would tie
-            its base's size to the parameter's): lr, rho, 1 - rho, eps, weight_decay, sign (-1 to
-            maximize), grad_scale, clip coefficient.
+        rows: the hyperparameters of each slot, 8 floats: lr, rho, 1 - rho, eps, weight_decay, sign
+            (-1 to maximize), grad_scale, clip coefficient. They reach the compiled code as float32
+            tensor values, so changing them never recompiles.
 
     Same equations as :func:`triton_adadelta.reference.adadelta_update_` (module docstring), same
     order of operations; results agree within float rounding (the compiler may contract a*b+c).
-    Raises whatever ``torch.compile`` raises if the first compilation fails; nothing is modified then.
+    Raises :class:`PartialUpdate` (from the original error) if a call fails, typically the first
+    compilation of a variant; its ``done`` slots were updated, the others are untouched.
     """
     if not slots:
         return
     p0, g0, v0, _ = slots[0]
-    fn = _compiled_for((p0.dtype, g0.dtype, v0.dtype))
-    with _no_duck_shapes():
-        for (p, g, v, u), h in zip(slots, hyper):
-            fn(p.view(-1), g.view(-1), v.view(-1), u.view(-1), h)
+    key = (p0.dtype, g0.dtype, v0.dtype)
+    n = len(slots)
+    full = n - n % GROUP
+    done = 0
+    try:
+        with _no_duck_shapes():
+            if full:
+                many = _compiled_for(key, GROUP)
+                for start in range(0, full, GROUP):
+                    args = [t.view(-1) for slot in slots[start: start + GROUP] for t in slot]
+                    # A fresh table per call (not a view, not shared): torch.compile guards on aliasing.
+                    many(torch.tensor(rows[start: start + GROUP], dtype=torch.float32), *args)
+                    done = start + GROUP
+            if full < n:
+                one = _compiled_for(key, 1)
+                for i in range(full, n):
+                    p, g, v, u = slots[i]
+                    one(p.view(-1), g.view(-1), v.view(-1), u.view(-1), torch.tensor(rows[i], dtype=torch.float32))
+                    done = i + 1
+    except Exception as exc:
+        raise PartialUpdate(done) from exc
+
+
+class PartialUpdate(RuntimeError):
+    """fused_update_ failed (typically: compilation); the first ``done`` slots were updated, the rest not."""
+
+    def __init__(self, done: int) -> None:
+        super().__init__(f"the compiled CPU update failed after {done} tensors")
+        self.done = done
 
 
 def _eligible(group: dict[str, Any], p: Tensor, g: Tensor, st: dict[str, Tensor]) -> bool:
@@ -208,28 +245,23 @@ def step_(
         by_key[key].append((item, slot, row))
 
     global _failed
-    tables: dict[tuple, Tensor] = {}  # one small tensor per distinct row (usually one per param group)
-    for key, items in by_key.items():
+    for items in by_key.values():
         if _failed:
             rest.extend(item for item, _, _ in items)
             continue
-        hyper = []
-        for _, _, row in items:
-            h = tables.get(tuple(row))
-            if h is None:
-                h = tables[tuple(row)] = torch.tensor(row, dtype=compute_dtype(key[0]))
-            hyper.append(h)
+        done = len(items)
         try:
-            fused_update_([slot for _, slot, _ in items], hyper)
-        except Exception as exc:  # a failing compilation raises before its call writes anything
+            fused_update_([slot for _, slot, _ in items], [row for _, _, row in items])
+        except PartialUpdate as exc:
+            cause = exc.__cause__
             _failed = True
             warnings.warn(
-                f"triton_adadelta: the compiled CPU path is disabled ({type(exc).__name__}: {exc}); "
+                f"triton_adadelta: the compiled CPU path is disabled ({type(cause).__name__}: {cause}); "
                 "using the PyTorch path", RuntimeWarning, stacklevel=3,
             )
-            rest.extend(item for item, _, _ in items)
-            continue
-        for item, _, _ in items:
+            done = exc.done
+            rest.extend(item for item, _, _ in items[done:])
+        for item, _, _ in items[:done]:
             opt.state[item[1][2]]["step"].add_(1)
     rest.sort(key=lambda item: item[0])
     return rest

@@ -231,11 +231,38 @@ def check_step(
     """
     _check_flag("grad_scale", grad_scale)
     _check_flag("found_inf", found_inf)
-    seen: dict[int, tuple[int, int]] = {}
-    for gi, group in enumerate(param_groups):
+    # This runs every step: a lean pass that only detects trouble (about a microsecond a tensor),
+    # and the slow pass below, which builds the message, only when something is wrong.
+    seen: set[int] = set()
+    n = 0
+    strided, fp32, low, ok_dtypes = torch.strided, torch.float32, _LOW_PRECISION, PARAM_DTYPES
+    for group in param_groups:
         check_hyperparameters(read_tensors=False, lr=group["lr"], rho=group["rho"], eps=group["eps"],
                               weight_decay=group["weight_decay"])
         check_options(group)
+        for p in group["params"]:
+            seen.add(id(p))
+            n += 1
+            g = p.grad
+            if g is None:
+                continue
+            pdt, gdt, pshape, pdev = p.dtype, g.dtype, p.shape, p.device
+            if (g.layout is not strided or pdt not in ok_dtypes or g.shape != pshape or g.device != pdev
+                    or (gdt is not pdt and not (gdt is fp32 and pdt in low))):
+                _explain_step_error(param_groups, state)
+            st = state.get(p)
+            if st:
+                v = st.get("square_avg")
+                if isinstance(v, Tensor) and (v.shape != pshape or v.device != pdev):
+                    _explain_step_error(param_groups, state)
+    if len(seen) != n:
+        _explain_step_error(param_groups, state)
+
+
+def _explain_step_error(param_groups: list[dict[str, Any]], state: Mapping[Tensor, dict[str, Any]]) -> None:
+    """Find the first problem :func:`check_step` detected and raise it with a message naming it."""
+    seen: dict[int, tuple[int, int]] = {}
+    for gi, group in enumerate(param_groups):
         for pi, p in enumerate(group["params"]):
             where = f"parameter {pi} of group {gi}"
             if id(p) in seen:
@@ -270,6 +297,7 @@ def check_step(
                         f"has shape {tuple(p.shape)} on {p.device}: it was resized or moved after its state was "
                         "created"
                     )
+    raise AssertionError("check_step found a problem that _explain_step_error cannot name")  # pragma: no cover
 
 
 # ------------------------------------------------------------------------------------- state_dict
@@ -397,11 +425,11 @@ def check_state_dict(
 def nonfinite_flag(grads: list[Tensor], device: torch.device) -> Tensor:
     """A 0-d bool tensor on ``device``: True when any element of ``grads`` is NaN or +-Inf.
 
-    Computed on the device, without a host synchronisation: the max-abs norm of each gradient
-    (``_foreach_norm`` with ord=inf reads every gradient once and propagates NaN), then a small
-    reduction. Max-abs, not the 2-norm: squaring a large finite gradient would overflow and flag it.
-    Complex gradients are read as their real views for the same reason (|a + bi| can overflow).
-    Empty gradients are finite and skipped (the inf-norm of nothing is undefined).
+    On a GPU it stays on the device, without a host synchronisation: the max-abs norm of each
+    gradient (``_foreach_norm`` with ord=inf: one multi-tensor pass that propagates NaN), then a
+    small reduction. Max-abs, not the 2-norm: squaring a large finite gradient would overflow and
+    flag it. On the CPU, where torch's inf-norm is slow, see :func:`_cpu_nonfinite`. Complex
+    gradients are read as their real views (|a + bi| can overflow); empty gradients are finite.
     """
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for g in grads:
@@ -411,7 +439,31 @@ def nonfinite_flag(grads: list[Tensor], device: torch.device) -> Tensor:
         groups.setdefault((r.device, r.dtype), []).append(r)
     flag = torch.zeros((), dtype=torch.bool, device=device)
     for (dev, _), ts in groups.items():
-        norms = torch._foreach_norm(ts, float("inf"))
-        bad = ~torch.stack(norms).isfinite().all()
+        if dev.type == "cpu":
+            bad = _cpu_nonfinite(ts)
+        else:
+            norms = torch._foreach_norm(ts, float("inf"))
+            bad = ~torch.stack(norms).isfinite().all()
         flag |= bad.to(device, non_blocking=True) if dev != device else bad
     return flag
+
+
+def _cpu_nonfinite(ts: list[Tensor]) -> Tensor:
+    """The CPU version: host reads cost nothing here, and ``sum`` is the fastest full read.
+
+    A finite sum proves its tensor finite (a NaN or Inf element makes the sum NaN or Inf). A
+    non-finite sum may instead be an overflow of large finite values, so those tensors (only) get
+    the exact test, their minimum and maximum. float16 sums overflow early (65504): exact test directly.
+    """
+    suspects = ts
+    if ts[0].dtype != torch.float16:
+        sums = torch.stack([t.sum() for t in ts])
+        finite = sums.isfinite()
+        if bool(finite.all()):
+            return torch.zeros((), dtype=torch.bool)
+        suspects = [t for t, ok in zip(ts, finite.tolist()) if not ok]
+    for t in suspects:
+        lo, hi = torch.aminmax(t)
+        if not (bool(lo.isfinite()) and bool(hi.isfinite())):
+            return torch.ones((), dtype=torch.bool)
+    return torch.zeros((), dtype=torch.bool)
