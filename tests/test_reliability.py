@@ -567,6 +567,28 @@ def test_skip_nonfinite_skips_the_whole_step(fused, poison, dtype):
         assert bool(torch.isfinite(torch.view_as_real(p) if p.is_complex() else p).all())
 
 
+@pytest.mark.parametrize("n", [1, 1000, 65536, 70001], ids=lambda n: f"n{n}")  # both sides of the CPU size split
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.complex64],
+                         ids=str)
+def test_nonfinite_flag_is_exact(n, dtype):
+    """NaN, +Inf, -Inf anywhere flag; the largest finite values of the dtype do not."""
+    from triton_adadelta.validation import nonfinite_flag
+
+    real = torch.float32 if dtype == torch.complex64 else dtype
+    biggest = torch.finfo(real).max
+    gen = torch.Generator().manual_seed(n)
+    for bad in (None, float("nan"), float("inf"), float("-inf")):
+        for where in (0, n // 2, n - 1):
+            x = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+            huge = torch.full((3,), biggest, dtype=real).to(dtype)
+            huge[1] = -biggest
+            if bad is not None:
+                x[where] = bad
+            flag = nonfinite_flag([huge, torch.zeros(0, dtype=dtype), x], torch.device("cpu"))
+            assert flag.dtype == torch.bool and flag.shape == ()
+            assert bool(flag) == (bad is not None), (bad, where)
+
+
 @pytest.mark.parametrize("fused", PATHS)
 def test_skip_nonfinite_keeps_huge_finite_gradients(fused):
     """Gradients near the float32 maximum are finite: a 2-norm check would overflow and wrongly skip."""

@@ -449,21 +449,10 @@ def nonfinite_flag(grads: list[Tensor], device: torch.device) -> Tensor:
 
 
 def _cpu_nonfinite(ts: list[Tensor]) -> Tensor:
-    """The CPU version: host reads cost nothing here, and ``sum`` is the fastest full read.
-
-    A finite sum proves its tensor finite (a NaN or Inf element makes the sum NaN or Inf). A
-    non-finite sum may instead be an overflow of large finite values, so those tensors (only) get
-    the exact test, their minimum and maximum. float16 sums overflow early (65504): exact test directly.
-    """
-    suspects = ts
-    if ts[0].dtype != torch.float16:
-        sums = torch.stack([t.sum() for t in ts])
-        finite = sums.isfinite()
-        if bool(finite.all()):
-            return torch.zeros((), dtype=torch.bool)
-        suspects = [t for t, ok in zip(ts, finite.tolist()) if not ok]
-    for t in suspects:
-        lo, hi = torch.aminmax(t)
-        if not (bool(lo.isfinite()) and bool(hi.isfinite())):
-            return torch.ones((), dtype=torch.bool)
-    return torch.zeros((), dtype=torch.bool)
+    """The CPU version, no host read either. torch's CPU inf-norm is about 8x slower than a memory
+    pass, so large tensors take ``aminmax`` (minimum and maximum, NaN-propagating, at memory speed);
+    small ones the inf-norm, whose one multi-tensor call costs less than a call per tensor."""
+    small = [t for t in ts if t.numel() < 65536]
+    extremes = list(torch._foreach_norm(small, float("inf"))) if small else []
+    extremes += [x for t in ts if t.numel() >= 65536 for x in torch.aminmax(t)]  # one dtype: no casts
+    return ~torch.stack(extremes).isfinite().all()
