@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any
 
 import torch
 
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:  # macOS, Windows, minimal installs: the PyTorch path still works
-    HAS_TRITON = False
+# Found, not imported: importing triton takes half a second and is left to the first kernel launch.
+# macOS, Windows and minimal installs have no triton; the PyTorch path works there.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def interpreting() -> bool:

@@ -14,6 +14,7 @@ and the hyperparameter table are refreshed, and only when their contents change.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
@@ -21,10 +22,12 @@ from torch import Tensor
 
 from .reference import real_view
 
-try:  # torch.distributed is missing from some builds (e.g. some macOS wheels)
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - depends on the torch build
-    DTensor = None  # type: ignore[assignment,misc]
+
+def _dtensor_class() -> Any:
+    """DTensor, if torch.distributed.tensor has been imported (importing it costs about a second, and
+    no DTensor can exist before it is imported), else None."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
 
 ALIGN = 64  # elements; a segment start is 128-byte aligned for 16-bit state, 256 for float32
 
@@ -41,7 +44,8 @@ MASTER_NONE, MASTER_FP32, MASTER_REMAINDER = 0, 1, 2
 
 def is_dtensor(t: Tensor) -> bool:
     """True for a ``torch.distributed.tensor.DTensor`` (FSDP2 and tensor-parallel parameters)."""
-    return DTensor is not None and isinstance(t, DTensor)
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
 
 
 def local(t: Tensor) -> Tensor:
@@ -61,7 +65,9 @@ def like_param(seg: Tensor, p: Tensor) -> Tensor:
     """
     if not is_dtensor(p):
         return seg
-    return DTensor.from_local(seg, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+    return _dtensor_class().from_local(
+        seg, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+    )
 
 
 def shard_norm_hook(grads: list[Tensor], cache: dict) -> Optional[Callable[[Tensor, list[int]], Tensor]]:

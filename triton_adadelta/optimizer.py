@@ -30,6 +30,10 @@ from .reference import PhiloxStream, adadelta_update_, real_view
 
 __all__ = ["Adadelta"]
 
+# torch's internal form of torch.compiler.disable imports dynamo on the first call, not at import
+# (importing torch._dynamo costs about a second).
+_disable_dynamo = getattr(torch, "_disable_dynamo", torch.compiler.disable)
+
 _KERNEL_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _KERNEL_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK = 2048
@@ -462,7 +466,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
     # torch.compile: the step is a clean graph break. Dynamo would otherwise trace into the host-side
     # bookkeeping (dicts keyed by id(), pointer tables, the Triton launch) and guard on it; run eagerly,
     # it is one kernel launch per bucket anyway, and the compiled graphs around it are reused every step.
-    @torch.compiler.disable
+    @_disable_dynamo
     @torch.no_grad()
     def step(
         self,
