@@ -76,7 +76,8 @@ def steady_state(total: int, count: int, steps: int, dtype: torch.dtype) -> dict
 
 def first_step(dtype: str) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as cache:
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_ADADELTA_CPU_COMPILE_MIN_NUMEL="0")
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_ADADELTA_CPU_COMPILE_MIN_NUMEL="0",
+                   OMP_NUM_THREADS=str(torch.get_num_threads()))
         env.pop("TRITON_INTERPRET", None)
         times = []
         for _ in range(2):
@@ -93,7 +94,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--skip-first-step", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.environ.pop("TRITON_INTERPRET", None)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     from triton_adadelta.compare import _cpu_name

@@ -113,7 +113,7 @@ def render(results: str, kind: str) -> str:
         "(28 B/param fp32, 22 B/param bf16 params with fp32 state) over its time; `% copy` compares it with a "
         "device-to-device copy of as many bytes in the same run. `foreach / ours` is the speed-up over "
         "torch.optim.Adadelta(foreach=True). Peak: memory allocated above the resting level during one step "
-        "(CUDA allocator; on CPU the growth of the resident set).",
+        "(CUDA: the allocator's peak; CPU: bytes allocated by the step's operations, torch.profiler).",
         "",
         "| set | params | tensors | mode | torch for-loop | torch foreach | torch compiled | ours | foreach / ours "
         "| ours GB/s | % copy | peak MB foreach | peak MB ours |",

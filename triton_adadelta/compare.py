@@ -272,7 +272,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Run the comparison; returns the runs' numbers (also printed and written under ``--out``)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                     help="parameter dtype; bf16: torch keeps bf16 state, ours fp32 state")

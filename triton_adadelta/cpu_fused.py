@@ -66,7 +66,6 @@ MIN_NUMEL: int = int(os.environ.get("TRITON_ADADELTA_CPU_COMPILE_MIN_NUMEL", str
 SUPPORTED = ((torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16))
 # Columns of the per-tensor hyperparameter table.
 _LR, _RHO, _OMR, _EPS, _WD, _SIGN, _SCALE, _CLIP = range(8)
-_COLS = 8
 
 _failed = False
 _compiled: dict[tuple, Callable[..., None]] = {}
