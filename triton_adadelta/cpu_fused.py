@@ -17,11 +17,11 @@ Why it is shaped this way:
 * Shapes are dynamic and every tensor is passed flattened, so one compiled graph serves every
   model: no recompilation per model or per tensor size. Sizes 0 and 1 would be specialised by the
   compiler, so tensors with fewer than 2 elements stay on the reference path.
-* One compiled call per tensor, which costs tens of microseconds of host overhead. Several tensors
-  per call would save some of it, but the compiled graph grows with them and the first
-  compilation took several times longer (measured with 8 per call); padding a short last call
-  with scratch tensors would recompile, because torch.compile guards on which inputs share
-  storage (the state segments of one flat buffer do).
+* ``GROUP`` (4) tensors per compiled call, the last ``n % GROUP`` one per call: a call of a compiled
+  function costs tens of microseconds of host time, as much as updating a 1M-element tensor.
+  Larger groups compiled much longer for little more gain (tried: 8). A short last call is not
+  padded with scratch tensors: torch.compile guards on which inputs share storage (the state
+  segments of one flat buffer do), so a different mix would recompile.
 * All hyperparameters (lr, rho, 1 - rho, eps, weight decay, sign, grad scale, clip coefficient)
   are values in a small per-step table, not Python constants: changing lr every step (schedulers)
   or switching weight decay on does not recompile. The table is float32, so every constant is
@@ -40,7 +40,6 @@ C++ toolchain, an unsupported Python) disables the path with one warning.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import types
 import warnings
@@ -52,12 +51,12 @@ from torch import Tensor
 
 from .reference import real_view
 
-__all__ = ["ENABLED", "MIN_NUMEL", "SUPPORTED", "PartialUpdate", "available", "fused_update_", "step_"]
+__all__ = ["ENABLED", "MIN_NUMEL", "GROUP", "SUPPORTED", "PartialUpdate", "available", "fused_update_", "step_"]
 
 #: Set TRITON_ADADELTA_CPU_COMPILE=0 to keep every CPU step on the reference path.
 ENABLED: bool = os.environ.get("TRITON_ADADELTA_CPU_COMPILE", "1") not in ("0", "", "false", "False")
 #: The smallest number of elements (summed over a step's eligible tensors) worth compiling for.
-MIN_NUMEL: int = int(os.environ.get("TRITON_ADADELTA_CPU_COMPILE_MIN_NUMEL", str(1 << 20)))
+MIN_NUMEL: int = int(os.environ.get("TRITON_ADADELTA_CPU_COMPILE_MIN_NUMEL", str(1 << 19)))
 
 # (parameter dtype of the real view, state dtype) this path compiles for, gradients of the parameter's
 # dtype, no master weights. Each pair is one compiled variant and costs seconds of compilation the first
@@ -67,8 +66,12 @@ SUPPORTED = ((torch.float32, torch.float32), (torch.bfloat16, torch.float32), (t
 # Columns of the per-tensor hyperparameter table.
 _LR, _RHO, _OMR, _EPS, _WD, _SIGN, _SCALE, _CLIP = range(8)
 
+#: Tensors per compiled call; the last ``len % GROUP`` tensors of a step go one per call.
+GROUP: int = 4
+
 _failed = False
 _compiled: dict[tuple, Callable[..., None]] = {}
+_rows: dict[tuple, Tensor] = {}
 
 
 def _update_one(p: Tensor, g: Tensor, v: Tensor, u: Tensor, h: Tensor) -> None:
@@ -101,27 +104,39 @@ def available() -> bool:
         return False
 
 
-def _compiled_for(key: tuple) -> Callable[..., None]:
-    """The compiled update of one tensor with the dtypes ``key`` (parameter, gradient, state)."""
-    fn = _compiled.get(key)
+def _update_group(h: Tensor, *t: Tensor) -> None:
+    # t: GROUP times (p, g, v, u), all 1-D; h: [GROUP, 8].
+    for j in range(GROUP):
+        _update_one(t[4 * j], t[4 * j + 1], t[4 * j + 2], t[4 * j + 3], h[j])
+
+
+def _compiled_for(key: tuple, width: int) -> Callable[..., None]:
+    """The compiled update of ``width`` tensors (1 or GROUP) with the dtypes ``key`` (parameter, gradient, state)."""
+    fn = _compiled.get((key, width))
     if fn is None:
         # A fresh code object per variant: torch.compile counts recompilations per code object,
-        # and dtype variants must not use up each other's budget.
-        fresh = types.FunctionType(_update_one.__code__.replace(), _update_one.__globals__,
-                                   f"_adadelta_cpu_{len(_compiled)}")
-        fn = _compiled[key] = torch.compile(fresh, dynamic=True, fullgraph=True)
+        # and variants must not use up each other's budget.
+        base = _update_group if width == GROUP else _update_one
+        fresh = types.FunctionType(base.__code__.replace(), base.__globals__, f"_adadelta_cpu_{len(_compiled)}")
+        fn = _compiled[(key, width)] = torch.compile(fresh, dynamic=True, fullgraph=True)
     return fn
 
 
-def _no_duck_shapes() -> Any:
-    """Equal sizes seen while compiling (a parameter of 8 elements, the 8 hyperparameters) must not
-    become a guard that recompiles for the next model."""
-    try:
-        import torch.fx.experimental._config as fx_config
+def _hyper_tensor(row: list) -> Tensor:
+    """The hyperparameters (8 floats, or GROUP rows of 8) as a float32 tensor, made once per distinct row.
 
-        return fx_config.patch(use_duck_shape=False)
-    except (ImportError, AttributeError):
-        return contextlib.nullcontext()
+    Its own storage with a static size: a view would bring its base's size into the compiled code's
+    guards, and a dynamic size of 8 would be tied to any 8-element parameter's. Rows repeat from
+    step to step (one per param group) unless a scheduler changes lr, hence the small cache.
+    """
+    key = tuple(tuple(r) if isinstance(r, list) else r for r in row)
+    h = _rows.get(key)
+    if h is None:
+        if len(_rows) >= 256:
+            _rows.clear()
+        h = _rows[key] = torch.tensor(row, dtype=torch.float32)
+        torch._dynamo.mark_static(h)
+    return h
 
 
 def fused_update_(slots: list[tuple[Tensor, Tensor, Tensor, Tensor]], rows: list[list[float]]) -> None:
@@ -143,14 +158,23 @@ def fused_update_(slots: list[tuple[Tensor, Tensor, Tensor, Tensor]], rows: list
     if not slots:
         return
     p0, g0, v0, _ = slots[0]
-    fn = _compiled_for((p0.dtype, g0.dtype, v0.dtype))
+    key = (p0.dtype, g0.dtype, v0.dtype)
+    n = len(slots)
+    full = n - n % GROUP
     done = 0
     try:
-        with _no_duck_shapes():
-            for (p, g, v, u), row in zip(slots, rows):
-                # A fresh 8-element tensor (not a view): a view would tie its base's size into the guards.
-                fn(p.view(-1), g.view(-1), v.view(-1), u.view(-1), torch.tensor(row, dtype=torch.float32))
-                done += 1
+        if full:
+            many = _compiled_for(key, GROUP)
+            for start in range(0, full, GROUP):
+                args = [t.view(-1) for slot in slots[start: start + GROUP] for t in slot]
+                many(_hyper_tensor(rows[start: start + GROUP]), *args)
+                done = start + GROUP
+        if full < n:
+            one = _compiled_for(key, 1)
+            for i in range(full, n):
+                p, g, v, u = slots[i]
+                one(p.view(-1), g.view(-1), v.view(-1), u.view(-1), _hyper_tensor(rows[i]))
+                done = i + 1
     except Exception as exc:
         raise PartialUpdate(done) from exc
 
