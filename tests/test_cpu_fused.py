@@ -18,7 +18,8 @@ from triton_adadelta import Adadelta, cpu_fused
 
 pytestmark = pytest.mark.skipif(not cpu_fused.available(), reason="torch.compile is not supported here")
 
-SIZES = [(2,), (7,), (9,), (1023,), (65537,), (33, 17), (5, 3, 2), (1,), (0,), (8,)]
+# 9 tensors of 2 or more elements: two compiled calls of cpu_fused.GROUP (4) tensors and one single call.
+SIZES = [(2,), (7,), (9,), (1023,), (65537,), (33, 17), (5, 3, 2), (1,), (0,), (8,), (3,)]
 GROUPS = [dict(lr=0.5), dict(lr=0.9, rho=0.7, weight_decay=0.05, maximize=True), dict(lr=0.2, eps=1e-3)]
 # (parameter dtype, state dtype): every pair in cpu_fused.SUPPORTED, complex64 riding on float32.
 PAIRS = [(torch.float32, torch.float32), (torch.complex64, torch.float32),
@@ -184,19 +185,19 @@ def test_new_sizes_and_new_lr_do_not_recompile(calls):
         set_grads(ps, random_grads(ps, seed=seed + 1))
         o.step()
 
-    run([(3,), (70,), (4, 4), (8,)], 1.0, 20)  # warms the float32 variant
+    run([(3,), (70,), (4, 4), (8,), (6,)], 1.0, 20)  # warms both float32 variants (a group of 4, then 1)
     graphs = counters["stats"]["unique_graphs"]
     run([(11,), (700,), (2, 3, 5), (12,), (13,), (4097,), (2,), (9, 9), (31,)], 0.3, 21)
     run([(5000,)], 2.0, 22)
     run([(n,) for n in range(2, 40, 2)], 0.7, 23)
     assert counters["stats"]["unique_graphs"] == graphs
-    assert calls == [4, 4, 9, 9, 1, 1, 19, 19]
+    assert calls == [5, 5, 9, 9, 1, 1, 19, 19]
 
 
 def test_compile_failure_falls_back_with_one_warning(monkeypatch):
     """A compiler failure: the step runs on the reference path, with one warning, and the path stays off."""
 
-    def broken(key):
+    def broken(key, width):
         def fn(*args):
             raise RuntimeError("no C++ compiler")
         return fn

@@ -6,7 +6,7 @@ the whole update of one tensor into a single loop (TorchInductor's C++ backend) 
 square_avg and acc_delta once and writes p, square_avg and acc_delta once, exactly like the
 Triton kernel does on a GPU::
 
-    g  = clip * (g / grad_scale) * sign;  g = g + wd * p  (only where wd != 0)
+    g  = g * (1 / grad_scale) * clip * sign;  g = g + wd * p  (only where wd != 0)
     v  = rho * v + (1 - rho) * g * g
     d  = sqrt(u + eps) / sqrt(v + eps) * g
     u  = rho * u + (1 - rho) * d * d
@@ -18,15 +18,15 @@ Why it is shaped this way:
   model: no recompilation per model or per tensor size. Sizes 0 and 1 would be specialised by the
   compiler, so tensors with fewer than 2 elements stay on the reference path.
 * ``GROUP`` (4) tensors per compiled call, the last ``n % GROUP`` one per call: a call of a compiled
-  function costs tens of microseconds of host time, as much as updating a 1M-element tensor.
-  Larger groups compiled much longer for little more gain (tried: 8). A short last call is not
-  padded with scratch tensors: torch.compile guards on which inputs share storage (the state
-  segments of one flat buffer do), so a different mix would recompile.
-* All hyperparameters (lr, rho, 1 - rho, eps, weight decay, sign, grad scale, clip coefficient)
-  are values in a small per-step table, not Python constants: changing lr every step (schedulers)
+  function costs tens of microseconds of host time, as much as updating tens of thousands of
+  elements. Groups of 8 took over a minute per variant to compile on a loaded 2-core machine. A
+  short last call is not padded with scratch tensors: torch.compile guards on which inputs share
+  storage (the state segments of one flat buffer do), so a different mix would recompile.
+* All hyperparameters (lr, rho, 1 - rho, eps, weight decay, sign, 1/grad scale, clip coefficient)
+  are values in a small table, not Python constants: changing lr every step (schedulers)
   or switching weight decay on does not recompile. The table is float32, so every constant is
   rounded exactly as torch rounds a Python scalar for a float32 operation.
-* Only dtypes select a compiled variant (parameter and state dtype, see SUPPORTED). Each variant
+* Only dtypes (see SUPPORTED) and the group width select a compiled variant. Each variant
   is its own function object, so variants don't share torch.compile's recompilation limit.
 * The compiled code is cached across processes by TorchInductor's on-disk caches (FX graph and
   AOTAutograd caches, ``TORCHINDUCTOR_CACHE_DIR``, by default under /tmp): the first step of the
@@ -78,7 +78,9 @@ def _update_one(p: Tensor, g: Tensor, v: Tensor, u: Tensor, h: Tensor) -> None:
     # The reference's operations in the reference's order; the compiler fuses them into one loop.
     cdt = h.dtype
     p32 = p.to(cdt)
-    g32 = g.to(cdt) / h[_SCALE] * h[_CLIP] * h[_SIGN]
+    # h[_SCALE] is 1 / grad_scale: a multiply instead of a divide per element (the update is close to
+    # compute bound on small CPU tensors). Exact for GradScaler's power-of-two scales.
+    g32 = g.to(cdt) * h[_SCALE] * h[_CLIP] * h[_SIGN]
     # Weight decay is skipped, not multiplied by 0, when it is 0 (0 * inf would be NaN), as torch does.
     g32 = torch.where(h[_WD] != 0, g32 + h[_WD] * p32, g32)
     v32 = v.to(cdt) * h[_RHO] + (h[_OMR] * g32) * g32
@@ -147,7 +149,7 @@ def fused_update_(slots: list[tuple[Tensor, Tensor, Tensor, Tensor]], rows: list
             same number of elements (at least 2; complex tensors as their real views). All slots share
             the parameter, gradient and state dtypes.
         rows: the hyperparameters of each slot, 8 floats: lr, rho, 1 - rho, eps, weight_decay, sign
-            (-1 to maximize), grad_scale, clip coefficient. They reach the compiled code as float32
+            (-1 to maximize), 1 / grad_scale, clip coefficient. They reach the compiled code as float32
             tensor values, so changing them never recompiles.
 
     Same equations as :func:`triton_adadelta.reference.adadelta_update_` (module docstring), same
@@ -232,7 +234,7 @@ def step_(
     if total < MIN_NUMEL:
         return indexed_entries
 
-    scale = 1.0 if grad_scale is None else float(grad_scale)
+    inv_scale = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
     by_key: dict[tuple, list] = defaultdict(list)
     for item in chosen:
         i, (_, group, p, g) = item
@@ -242,7 +244,7 @@ def step_(
         lr = opt._group_lr(group)
         row = [
             float(lr), float(group["rho"]), 1.0 - float(group["rho"]), float(group["eps"]),
-            float(group["weight_decay"]), -1.0 if group["maximize"] else 1.0, scale,
+            float(group["weight_decay"]), -1.0 if group["maximize"] else 1.0, inv_scale,
             1.0 if coefs is None else float(coefs[i]),
         ]
         slot = (pr, real_view(g), real_view(st["square_avg"]), real_view(st["acc_delta"]))
