@@ -100,9 +100,11 @@ def render(results: str, kind: str) -> str:
         return f"No {kind} results in {results} yet.\n"
     runs = {}
     for b in best.values():
+        if b["extra_info"].get("kind") not in ("step", "copy", "host"):
+            continue  # other benchmark files (e.g. test_precision_modes.py) report elsewhere
         v = b["_versions"]
         threads = b["extra_info"].get("threads")
-        hw = v.get("hardware", "?") + (f", {threads} torch threads" if kind == "cpu" and threads else "")
+        hw = v.get("hardware", "?") + (f", torch threads: {threads}" if kind == "cpu" and threads else "")
         runs[(hw, v.get("torch", "?"), v.get("triton", "?"), b["_date"][:16].replace("T", " "))] = True
     lines = ["Measured by `python bench/run.py` on:", ""]
     for hw, tv, trv, date in runs:
