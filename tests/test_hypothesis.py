@@ -20,8 +20,10 @@ from hypothesis import strategies as st
 
 from triton_adadelta import Adadelta, adadelta_update_
 
+# CI runs a fixed set of examples (derandomize) so that its verdict is reproducible; the "thorough"
+# profile draws fresh examples for exploring.
 settings.register_profile("ci", max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow],
-                          print_blob=True)
+                          print_blob=True, derandomize=True)
 settings.register_profile("thorough", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow],
                           print_blob=True)
 PROFILE = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
@@ -109,6 +111,13 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str)
     a, e = actual.detach().cpu(), expected.detach().cpu()
     if a.is_complex():
         a, e = torch.view_as_real(a), torch.view_as_real(e)
+        # A documented difference: torch ends with a complex multiply, param += (-lr) * delta, which spreads
+        # a non-finite component of delta into the other component as NaN; we update the two real
+        # components independently. So an element torch turned NaN only has to be non-finite somewhere in
+        # ours; every other element must match exactly as below.
+        spread = torch.isnan(e).any(-1) & (torch.isnan(a) != torch.isnan(e)).any(-1)
+        assert bool((~torch.isfinite(a[spread])).any(-1).all()), f"{what}: a NaN element of torch is finite in ours"
+        a, e = a[~spread], e[~spread]
     assert a.dtype == e.dtype and a.shape == e.shape, what
     a64, e64 = a.double(), e.double()
     fin = torch.isfinite(e64)
