@@ -36,7 +36,8 @@ def _bf16_from_bits(bits, x):
     """
     canonical_nan = 0x7FC00000
     bits = tl.where(x != x, canonical_nan, bits)
-    return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    # A bit cast of the high half, not a float conversion: the interpreter's conversion flushes subnormals.
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit

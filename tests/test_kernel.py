@@ -225,3 +225,23 @@ def test_codegen_vectorised_and_no_spills(arch, dtypes):
     # The unaligned path must not inherit the aligned path's hints: its parameter loads stay scalar,
     # one per element a thread handles (2048 elements / 128 threads = 16).
     assert info["scalar_param_loads"] >= 16, info
+
+
+def test_bf16_subnormal_state_matches_reference():
+    """Squares of tiny gradients are float32 subnormals; bf16 state must keep them as the reference does
+    (the interpreter's float -> bf16 conversion flushes them, so the kernel writes the bits itself)."""
+    grads = torch.tensor([1e-20, -3e-21, 2e-19, 7e-23, 1.0], dtype=torch.bfloat16)
+    params = [torch.randn(5, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).to(KERNEL_DEVICE)]
+    ref_params = [params[0].detach().cpu().clone()]
+    fused = Adadelta(params, fused=True, rho=0.5, state_dtype=torch.bfloat16)
+    ref = Adadelta(ref_params, fused=False, rho=0.5, state_dtype=torch.bfloat16)
+    for _ in range(2):
+        params[0].grad = grads.to(KERNEL_DEVICE)
+        ref_params[0].grad = grads.clone()
+        fused.step()
+        ref.step()
+    sq = ref.state[ref_params[0]]["square_avg"]
+    assert bool(((sq.float() > 0) & (sq.float() < torch.finfo(torch.float32).tiny)).any()), "no subnormal reached"
+    for name in ("square_avg", "acc_delta"):
+        assert torch.equal(fused.state[params[0]][name].cpu(), ref.state[ref_params[0]][name]), name
+    assert torch.equal(params[0].cpu(), ref_params[0])
