@@ -271,6 +271,7 @@ class LaunchPlan:
         self.chunk_tensor = upload(tensor_of_chunk.to(torch.int32), device)
         self.chunk_block = upload(block_of_chunk.to(torch.int32), device)
         self.step_slots = upload(torch.tensor(slots, dtype=torch.int64), device)
+        self._ones = torch.ones(len(slots), dtype=torch.float32, device=device)  # made once, not every step
         self.all_slots = slots == list(range(len(flat.params)))
         self._pointers: Optional[list[int]] = None
         self.pointer_table: Optional[Tensor] = None
@@ -301,7 +302,7 @@ class LaunchPlan:
             if self.all_slots:
                 steps.add_(1.0)
             else:
-                steps.index_add_(0, self.step_slots, torch.ones_like(self.step_slots, dtype=steps.dtype))
+                steps.index_add_(0, self.step_slots, self._ones)
         else:
             inc = (1.0 - found_inf.to(steps.device, steps.dtype).reshape(()))
             if self.all_slots:
