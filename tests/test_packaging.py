@@ -25,6 +25,7 @@ def test_wheel_installs_and_imports_outside_the_checkout(tmp_path):
 
     names = zipfile.ZipFile(wheels[0]).namelist()
     assert "triton_adadelta/kernels/adadelta.py" in names
+    assert "triton_adadelta/kernels/adadelta_cpu.c" in names  # the fused CPU path's source, built on first use
     assert not any(n.startswith("kernels/") for n in names), "must not install a top-level `kernels` package"
 
     env_dir = tmp_path / "venv"
@@ -37,9 +38,15 @@ def test_wheel_installs_and_imports_outside_the_checkout(tmp_path):
         "assert 'site-packages' in triton_adadelta.__file__, triton_adadelta.__file__;"
         "assert os.path.dirname(k.__file__) == os.path.join(os.path.dirname(triton_adadelta.__file__), 'kernels');"
         "p = [torch.randn(5)]; o = triton_adadelta.Adadelta(p); p[0].grad = torch.randn(5); o.step();"
-        "print('ok', float(o.state[p[0]]['step']))"
+        "print('ok', float(o.state[p[0]]['step']));"
+        # A step above the fused CPU path's threshold builds the shipped C source into a fresh cache.
+        "from triton_adadelta import cpu_fused;"
+        "q = [torch.randn(70_000)]; o = triton_adadelta.Adadelta(q); q[0].grad = torch.randn(70_000); o.step();"
+        "lib = cpu_fused._library;"
+        "print(lib is not None and os.path.dirname(lib.path) == os.environ['TRITON_ADADELTA_CACHE_DIR'])"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    env["TRITON_ADADELTA_CACHE_DIR"] = str(tmp_path / "cache")
     out = subprocess.run([py, "-c", code], cwd=str(tmp_path), capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok 1.0"
+    assert out.stdout.split() == ["ok", "1.0", "True"], out.stdout

@@ -13,10 +13,10 @@ optimizer-step time, final training and held-out loss, and optimizer-state bytes
 With ``--dtype bf16`` the parameters are bfloat16: torch keeps its state in bfloat16 (it follows
 the parameter dtype), ours keeps float32 state (its default).
 
-On CUDA ours runs the fused Triton kernel; on CPU it runs the compiled CPU path
+On CUDA ours runs the fused Triton kernel; on CPU it runs the fused CPU path
 (:mod:`triton_adadelta.cpu_fused`) when the model has at least ``cpu_fused.MIN_NUMEL`` parameters,
-which the default size has. The first optimizer step then includes the one-time compilation; it
-is reported on its own and left out of the medians.
+which the default size has. The first optimizer step then includes the one-time build of that
+path (or its load from the on-disk cache); it is reported on its own and left out of the medians.
 """
 
 from __future__ import annotations
@@ -262,9 +262,9 @@ def _ours_path(opt: Adadelta, device: torch.device, n_params: int, dtype: torch.
 
     if _triton.kernel_device_ok(device):
         return "the fused Triton kernel"
-    eligible = (dtype, torch.float32) in cpu_fused.SUPPORTED
+    eligible = (dtype, dtype, torch.float32) in cpu_fused.SUPPORTED
     if device.type == "cpu" and cpu_fused.available() and eligible and n_params >= cpu_fused.MIN_NUMEL:
-        return "the compiled CPU path (triton_adadelta.cpu_fused)"
+        return "the fused CPU path (triton_adadelta.cpu_fused)"
     return "the PyTorch reference path"
 
 

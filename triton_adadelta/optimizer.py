@@ -608,11 +608,10 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
             return
         clip_value = getattr(coefs, "clip_value", None)
         capturable = any(e[1]["capturable"] for _, e in indexed_entries)  # that path reads lr on the host
-        if not on_device and clip_value is None and not capturable:
-            # Large CPU steps take the compiled fast path (one fused pass per tensor); it hands back
-            # what it does not take (small steps, other devices and dtypes, stochastic rounding).
-            # It has no clamp, so Keras' clipvalue keeps a step on this path.
-            indexed_entries = cpu_fused.step_(self, indexed_entries, coefs, grad_scale)
+        if not on_device and not capturable:
+            # Large CPU steps take the compiled fast path (one fused pass over all tensors); it hands
+            # back what it does not take (small steps, other devices and dtypes, stochastic rounding).
+            indexed_entries = cpu_fused.step_(self, indexed_entries, coefs, grad_scale, clip_value)
         for i, (_, group, p, g) in indexed_entries:
             st = self.state[p]
             lr = self._group_lr(group)
