@@ -124,7 +124,7 @@ def main() -> None:
         dname = "float32" if args.dtype == "fp32" else "bfloat16"
         cold, warm = first_step(dname)
         print(f"\nFirst step of a fresh process, 1M {args.dtype} parameters: cold (empty build cache) "
-              f"{cold:.1f} s, warm (cache from the previous process) {warm:.1f} s.")
+              f"{cold:.2f} s, warm (cache from the previous process) {warm:.2f} s.")
 
 
 if __name__ == "__main__":

@@ -307,3 +307,28 @@ def test_built_once_then_loaded_from_the_cache(tmp_path):
     second = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr
     assert second.stdout.split() == [path, "True"]
+
+
+def test_fused_update_rejects_arguments_that_do_not_fit():
+    """The C code trusts addresses and sizes: fused_update_ checks them first and changes nothing on error."""
+    p, g, v, u = torch.randn(10), torch.randn(10), torch.rand(10), torch.rand(10)
+    hyper = torch.tensor([[1.0, 0.9, 0.1, 1e-6, 0.0, 1.0, 1.0, float("inf")]])
+    before = [t.clone() for t in (p, g, v, u)]
+    bad = [
+        (([(p, g, v, torch.rand(9))], hyper, [0]), "acc_delta must be a contiguous CPU tensor of 10"),
+        (([(p, g, v, torch.rand(20)[::2])], hyper, [0]), "acc_delta must be a contiguous"),
+        (([(p, g.double(), v, u)], hyper, [0]), "no update for parameter/gradient/state dtypes"),
+        (([(p, g, v, u.bfloat16())], hyper, [0]), "slot 0: expected"),
+        (([(p, g, v, u)], hyper, [1]), "rows must give one row"),
+        (([(p, g, v, u)], hyper[:, :7], [0]), "hyper must be a float32"),
+        (([(p, g, v, u)], hyper.double(), [0]), "hyper must be a float32"),
+    ]
+    for args, message in bad:
+        with pytest.raises(ValueError, match=message):
+            cpu_fused.fused_update_(*args)
+    with pytest.raises(ValueError, match="coefs must be"):
+        cpu_fused.fused_update_([(p, g, v, u)], hyper, [0], coefs=torch.ones(2))
+    for a, b in zip((p, g, v, u), before):
+        assert torch.equal(a, b)
+    cpu_fused.fused_update_([(p, g, v, u)], hyper, [0])
+    assert not torch.equal(p, before[0])

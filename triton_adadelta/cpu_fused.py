@@ -216,6 +216,7 @@ def fused_update_(
     rows: Sequence[int],
     coefs: Optional[Tensor] = None,
     threads: Optional[int] = None,
+    check: bool = True,
 ) -> None:
     """Apply one Adadelta step to every slot in place, in one call of the compiled C update.
 
@@ -228,9 +229,12 @@ def fused_update_(
         rows: the row of ``hyper`` of each slot.
         coefs: float32 ``[len(slots)]`` gradient multipliers (clipping), or None for 1.
         threads: threads to split the work over (default ``torch.get_num_threads()``).
+        check: verify the arguments first (the C code trusts every address and size it is given);
+            ``step_`` passes False for tensors it has already checked.
 
-    Raises :class:`BuildError` when the library cannot be built (nothing is updated then),
-    ValueError for a dtype combination this path does not cover.
+    Raises :class:`BuildError` when the library cannot be built, ValueError for arguments that
+    do not fit (a dtype combination this path does not cover, mismatched sizes, non-contiguous or
+    non-CPU tensors, rows outside ``hyper``); nothing is updated then.
     """
     if not slots:
         return
@@ -239,18 +243,35 @@ def fused_update_(
     fn = library().functions.get(key)
     if fn is None:
         raise ValueError(f"the CPU path has no update for parameter/gradient/state dtypes {key}")
+    if check:
+        _check_arguments(slots, key, hyper, rows, coefs)
     table = torch.tensor(
         [[p.data_ptr(), g.data_ptr(), v.data_ptr(), u.data_ptr(), p.numel(), r]
          for (p, g, v, u), r in zip(slots, rows)],
         dtype=torch.int64,
     )
-    if hyper.dtype != torch.float32 or not hyper.is_contiguous() or hyper.shape[-1] != 8:
-        raise ValueError("hyper must be a contiguous float32 [R, 8] tensor")
     coef_ptr = None
     if coefs is not None:
         coefs = coefs.to(torch.float32).contiguous()
         coef_ptr = coefs.data_ptr()
     fn(len(slots), table.data_ptr(), hyper.data_ptr(), coef_ptr, threads or torch.get_num_threads())
+
+
+def _check_arguments(slots: Sequence[tuple[Tensor, ...]], key: tuple, hyper: Tensor, rows: Sequence[int],
+                     coefs: Optional[Tensor]) -> None:
+    if hyper.dtype != torch.float32 or hyper.dim() != 2 or hyper.shape[1] != 8 or hyper.device.type != "cpu":
+        raise ValueError(f"hyper must be a float32 [R, 8] CPU tensor, got {hyper.dtype} {tuple(hyper.shape)}")
+    if len(rows) != len(slots) or any(not 0 <= r < hyper.shape[0] for r in rows):
+        raise ValueError(f"rows must give one row of hyper (0..{hyper.shape[0] - 1}) for each of {len(slots)} slots")
+    if coefs is not None and (coefs.numel() != len(slots) or coefs.device.type != "cpu"):
+        raise ValueError(f"coefs must be a CPU tensor of {len(slots)} multipliers, got {tuple(coefs.shape)}")
+    for i, slot in enumerate(slots):
+        if len(slot) != 4 or (slot[0].dtype, slot[1].dtype, slot[2].dtype) != key or slot[3].dtype != key[2]:
+            raise ValueError(f"slot {i}: expected (param, grad, square_avg, acc_delta) with dtypes {key}")
+        n = slot[0].numel()
+        for name, t in zip(("param", "grad", "square_avg", "acc_delta"), slot):
+            if t.device.type != "cpu" or not t.is_contiguous() or t.numel() != n:
+                raise ValueError(f"slot {i}: {name} must be a contiguous CPU tensor of {n} elements")
 
 
 def _eligible(group: dict[str, Any], p: Tensor, g: Tensor, st: dict[str, Tensor]) -> bool:
@@ -331,7 +352,8 @@ def step_(
         cpu = torch.device("cpu")
         for items in by_key.values():
             table_coefs = None if coefs is None else clip_table(coefs, [item[0] for item, _, _ in items], cpu)
-            fused_update_([slot for _, slot, _ in items], hyper, [row for _, _, row in items], table_coefs)
+            fused_update_([slot for _, slot, _ in items], hyper, [row for _, _, row in items], table_coefs,
+                          check=False)
             torch._foreach_add_([opt.state[item[1][2]]["step"] for item, _, _ in items], 1)
     rest.sort(key=lambda item: item[0])
     return rest
