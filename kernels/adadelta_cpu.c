@@ -1,7 +1,8 @@
 /* The fused multi-tensor Adadelta update for CPU tensors: the Triton kernel's CPU counterpart.
  *
  * One call updates every tensor of a bucket. Each tensor is a row of an int64 table (addresses of
- * p, g, square_avg and acc_delta, its element count, its hyperparameter row); the work, all elements
+ * p, g, square_avg and acc_delta, its element count, its hyperparameter row, the address of its
+ * float32 step count or 0); the work, all elements
  * of all tensors end to end, is cut into one contiguous range per thread, so a thread may finish one
  * tensor and start the next, and a large tensor is shared by several threads. Every element is read
  * once (p, g, v, u) and written once (p, v, u); the arithmetic is float32 in registers:
@@ -33,14 +34,14 @@
 /* Columns of the hyperparameter table (float32, one row per distinct set, e.g. per param group). */
 enum { H_LR, H_RHO, H_OMR, H_EPS, H_WD, H_SIGN, H_GRAD_SCALE, H_CLIP_VALUE, H_COLS };
 /* Columns of the tensor table (int64). */
-enum { T_P, T_G, T_V, T_U, T_NUMEL, T_ROW, T_COLS };
+enum { T_P, T_G, T_V, T_U, T_NUMEL, T_ROW, T_STEP, T_COLS };
 
 /* Below this many elements in all one thread does the work: waking a team costs more. */
 #define SERIAL_BELOW 65536
 /* Thread ranges start at multiples of this many elements (64 bytes of float32). */
 #define RANGE_ALIGN 16
 
-int adadelta_cpu_abi_version(void) { return 1; }
+int adadelta_cpu_abi_version(void) { return 2; }
 
 typedef uint16_t bf16;
 
@@ -122,7 +123,11 @@ static int64_t range_start(int64_t total, int k, int threads) {
 static void run(int64_t n, const int64_t *table, const float *hyper, const float *coefs, int threads,
                 range_fn fn) {
     int64_t total = 0;
-    for (int64_t t = 0; t < n; ++t) total += table[T_COLS * t + T_NUMEL];
+    for (int64_t t = 0; t < n; ++t) {
+        const int64_t *row = table + T_COLS * t;
+        total += row[T_NUMEL];
+        if (row[T_STEP]) *(float *)(intptr_t)row[T_STEP] += 1.0f; /* torch's float32 step count */
+    }
     if (total < SERIAL_BELOW || threads < 1) threads = 1;
 #pragma omp parallel num_threads(threads)
     {

@@ -328,7 +328,11 @@ def test_fused_update_rejects_arguments_that_do_not_fit():
             cpu_fused.fused_update_(*args)
     with pytest.raises(ValueError, match="coefs must be"):
         cpu_fused.fused_update_([(p, g, v, u)], hyper, [0], coefs=torch.ones(2))
+    for steps in ([torch.zeros((), dtype=torch.float64)], [torch.zeros(())] * 2):
+        with pytest.raises(ValueError, match="steps must give one float32"):
+            cpu_fused.fused_update_([(p, g, v, u)], hyper, [0], steps=steps)
     for a, b in zip((p, g, v, u), before):
         assert torch.equal(a, b)
-    cpu_fused.fused_update_([(p, g, v, u)], hyper, [0])
-    assert not torch.equal(p, before[0])
+    step = torch.tensor(4.0)
+    cpu_fused.fused_update_([(p, g, v, u)], hyper, [0], steps=[step])
+    assert not torch.equal(p, before[0]) and float(step) == 5.0

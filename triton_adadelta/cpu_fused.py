@@ -74,8 +74,7 @@ SUPPORTED: tuple[tuple[torch.dtype, torch.dtype, torch.dtype], ...] = tuple(
 
 # Columns of the hyperparameter table and of the tensor table (kernels/adadelta_cpu.c).
 _LR, _RHO, _OMR, _EPS, _WD, _SIGN, _GRAD_SCALE, _CLIP_VALUE = range(8)
-_T_COLS = 6
-_ABI = 1
+_ABI = 2
 
 _SOURCE = "adadelta_cpu.c"
 # Tried in order until one builds: vectorised for this CPU with threads, portable with threads, plain.
@@ -215,6 +214,7 @@ def fused_update_(
     hyper: Tensor,
     rows: Sequence[int],
     coefs: Optional[Tensor] = None,
+    steps: Optional[Sequence[Optional[Tensor]]] = None,
     threads: Optional[int] = None,
     check: bool = True,
 ) -> None:
@@ -228,6 +228,7 @@ def fused_update_(
             maximize), grad_scale (divides the gradient), clip_value (+inf for none).
         rows: the row of ``hyper`` of each slot.
         coefs: float32 ``[len(slots)]`` gradient multipliers (clipping), or None for 1.
+        steps: optional float32 0-d CPU step counts, one per slot (or None): each gets + 1.
         threads: threads to split the work over (default ``torch.get_num_threads()``).
         check: verify the arguments first (the C code trusts every address and size it is given);
             ``step_`` passes False for tensors it has already checked.
@@ -244,10 +245,12 @@ def fused_update_(
     if fn is None:
         raise ValueError(f"the CPU path has no update for parameter/gradient/state dtypes {key}")
     if check:
-        _check_arguments(slots, key, hyper, rows, coefs)
+        _check_arguments(slots, key, hyper, rows, coefs, steps)
+    if steps is None:
+        steps = [None] * len(slots)
     table = torch.tensor(
-        [[p.data_ptr(), g.data_ptr(), v.data_ptr(), u.data_ptr(), p.numel(), r]
-         for (p, g, v, u), r in zip(slots, rows)],
+        [[p.data_ptr(), g.data_ptr(), v.data_ptr(), u.data_ptr(), p.numel(), r, 0 if s is None else s.data_ptr()]
+         for (p, g, v, u), r, s in zip(slots, rows, steps)],
         dtype=torch.int64,
     )
     coef_ptr = None
@@ -258,13 +261,15 @@ def fused_update_(
 
 
 def _check_arguments(slots: Sequence[tuple[Tensor, ...]], key: tuple, hyper: Tensor, rows: Sequence[int],
-                     coefs: Optional[Tensor]) -> None:
+                     coefs: Optional[Tensor], steps: Optional[Sequence[Optional[Tensor]]]) -> None:
     if hyper.dtype != torch.float32 or hyper.dim() != 2 or hyper.shape[1] != 8 or hyper.device.type != "cpu":
         raise ValueError(f"hyper must be a float32 [R, 8] CPU tensor, got {hyper.dtype} {tuple(hyper.shape)}")
     if len(rows) != len(slots) or any(not 0 <= r < hyper.shape[0] for r in rows):
         raise ValueError(f"rows must give one row of hyper (0..{hyper.shape[0] - 1}) for each of {len(slots)} slots")
     if coefs is not None and (coefs.numel() != len(slots) or coefs.device.type != "cpu"):
         raise ValueError(f"coefs must be a CPU tensor of {len(slots)} multipliers, got {tuple(coefs.shape)}")
+    if steps is not None and (len(steps) != len(slots) or not all(_is_step(s) for s in steps if s is not None)):
+        raise ValueError(f"steps must give one float32 0-d CPU tensor (or None) for each of {len(slots)} slots")
     for i, slot in enumerate(slots):
         if len(slot) != 4 or (slot[0].dtype, slot[1].dtype, slot[2].dtype) != key or slot[3].dtype != key[2]:
             raise ValueError(f"slot {i}: expected (param, grad, square_avg, acc_delta) with dtypes {key}")
@@ -274,20 +279,34 @@ def _check_arguments(slots: Sequence[tuple[Tensor, ...]], key: tuple, hyper: Ten
                 raise ValueError(f"slot {i}: {name} must be a contiguous CPU tensor of {n} elements")
 
 
-def _eligible(group: dict[str, Any], p: Tensor, g: Tensor, st: dict[str, Tensor]) -> bool:
-    if group.get("fused") is False or group.get("stochastic_rounding") or group.get("differentiable"):
-        return False
-    if type(p.data) is not Tensor or type(g) is not Tensor:  # DTensor and other subclasses: not here
-        return False
-    if p.device.type != "cpu" or g.device != p.device or g.is_sparse:
-        return False
-    if not (p.is_contiguous() and g.is_contiguous()) or st.get("master") is not None:
-        return False
-    v = st.get("square_avg")
-    u = st.get("acc_delta")
-    if v is None or u is None or not (v.is_contiguous() and u.is_contiguous()) or u.dtype != v.dtype:
-        return False
-    return (real_view(p).dtype, real_view(g).dtype, real_view(v).dtype) in SUPPORTED
+def _is_step(s: Tensor) -> bool:
+    return type(s) is Tensor and s.dtype == torch.float32 and s.is_cpu and s.numel() == 1
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)  # DTensor (FSDP2) and other subclasses stay on the reference path
+_SUPPORTED_SET = frozenset(SUPPORTED)
+
+
+def _group_ok(group: dict[str, Any]) -> bool:
+    return not (group.get("fused") is False or group.get("stochastic_rounding") or group.get("differentiable"))
+
+
+def _slot(p: Tensor, g: Tensor, st: dict[str, Tensor]) -> Optional[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """(param, grad, square_avg, acc_delta) as real views when this path can update them, else None."""
+    if type(p) not in _PLAIN or type(g) is not Tensor or not (p.is_cpu and g.is_cpu) or g.is_sparse:
+        return None
+    v, u = st.get("square_avg"), st.get("acc_delta")
+    if v is None or u is None or st.get("master") is not None or u.dtype != v.dtype:
+        return None
+    if not (p.is_contiguous() and g.is_contiguous() and v.is_contiguous() and u.is_contiguous()):
+        return None
+    if p.is_complex():
+        if not g.is_complex():
+            return None
+        p, g, v, u = torch.view_as_real(p), torch.view_as_real(g), real_view(v), real_view(u)
+    if (p.dtype, g.dtype, v.dtype) not in _SUPPORTED_SET:
+        return None
+    return p, g, v, u
 
 
 def step_(
@@ -307,15 +326,32 @@ def step_(
     global _failed
     if not available() or not indexed_entries:
         return indexed_entries
+    scale = 1.0 if grad_scale is None else float(grad_scale)
+    cv = float("inf") if clip_value is None else float(clip_value)
+    # Per-tensor work is kept to checks and views: it runs for every tensor of every step.
+    group_rows: dict[int, Optional[int]] = {}
+    rows: list[tuple[float, ...]] = []
     chosen, rest = [], []
     total = 0
+    state = opt.state
     for item in indexed_entries:
-        _, (_, group, p, g) = item
-        if _eligible(group, p, g, opt.state[p]):
-            chosen.append(item)
-            total += p.numel()
-        else:
+        _, (gi, group, p, g) = item
+        row = group_rows.get(gi, -1)
+        if row == -1:
+            row = None
+            if _group_ok(group):
+                rho = float(group["rho"])
+                rows.append((float(opt._group_lr(group)), rho, 1.0 - rho, float(group["eps"]),
+                             float(group["weight_decay"]), -1.0 if group["maximize"] else 1.0, scale, cv))
+                row = len(rows) - 1
+            group_rows[gi] = row
+        st = state[p]
+        slot = None if row is None else _slot(p, g, st)
+        if slot is None:
             rest.append(item)
+        else:
+            chosen.append((item, slot, row, st["step"]))
+            total += slot[0].numel()
     if total < MIN_NUMEL:
         return indexed_entries
 
@@ -327,33 +363,26 @@ def step_(
                       RuntimeWarning, stacklevel=3)
         return indexed_entries
 
-    scale = 1.0 if grad_scale is None else float(grad_scale)
-    cv = float("inf") if clip_value is None else float(clip_value)
-    row_of: dict[tuple, int] = {}
     by_key: dict[tuple, list] = defaultdict(list)
-    for item in chosen:
-        i, (_, group, p, g) = item
-        st = opt.state[p]
-        slot = (real_view(p), real_view(g), real_view(st["square_avg"]), real_view(st["acc_delta"]))
+    for chosen_item in chosen:
+        slot = chosen_item[1]
         key = (slot[0].dtype, slot[1].dtype, slot[2].dtype)
-        if key not in functions:  # float16 where the compiler has no _Float16
-            rest.append(item)
-            continue
-        rho = float(group["rho"])
-        values = (float(opt._group_lr(group)), rho, 1.0 - rho, float(group["eps"]), float(group["weight_decay"]),
-                  -1.0 if group["maximize"] else 1.0, scale, cv)
-        row = row_of.setdefault(values, len(row_of))
-        by_key[key].append((item, slot, row))
+        if key in functions:
+            by_key[key].append(chosen_item)
+        else:  # float16 where the compiler has no _Float16
+            rest.append(chosen_item[0])
 
     if by_key:
         from .clipping import clip_table
 
-        hyper = torch.tensor(list(row_of), dtype=torch.float32)
+        hyper = torch.tensor(rows, dtype=torch.float32)
         cpu = torch.device("cpu")
         for items in by_key.values():
-            table_coefs = None if coefs is None else clip_table(coefs, [item[0] for item, _, _ in items], cpu)
-            fused_update_([slot for _, slot, _ in items], hyper, [row for _, _, row in items], table_coefs,
-                          check=False)
-            torch._foreach_add_([opt.state[item[1][2]]["step"] for item, _, _ in items], 1)
+            table_coefs = None if coefs is None else clip_table(coefs, [it[0][0] for it in items], cpu)
+            steps = [it[3] if _is_step(it[3]) else None for it in items]
+            fused_update_([it[1] for it in items], hyper, [it[2] for it in items], table_coefs, steps, check=False)
+            others = [it[3] for it, s in zip(items, steps) if s is None]
+            if others:  # step counts that are not float32 CPU scalars (not made by this optimizer)
+                torch._foreach_add_(others, 1)
     rest.sort(key=lambda item: item[0])
     return rest

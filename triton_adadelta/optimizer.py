@@ -517,9 +517,14 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
                 self._step_torch(entries, coefs, grad_scale, found_inf)
         else:
             kernel_entries, torch_entries = [], []
+            device_ok: dict[torch.device, bool] = {}  # asked once per device, not per tensor
             for i, e in enumerate(entries):
                 # DTensor parameters (FSDP2) are judged and updated by their local shard.
-                (kernel_entries if self._use_kernel(e[1], local(e[2]), local(e[3])) else torch_entries).append((i, e))
+                p = local(e[2])
+                ok = device_ok.get(p.device)
+                if ok is None:
+                    ok = device_ok[p.device] = _triton.kernel_device_ok(p.device)
+                (kernel_entries if ok and self._use_kernel(e[1], p, local(e[3])) else torch_entries).append((i, e))
             if kernel_entries:
                 self._step_kernel(kernel_entries, coefs, grad_scale, found_inf)
             if torch_entries:
