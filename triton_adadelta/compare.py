@@ -208,7 +208,7 @@ def _report(args: argparse.Namespace, cfg: GPTConfig, n_params: int, runs: list[
         f"context {cfg.context}, vocabulary {cfg.vocab}), batch {args.batch} ({tokens} tokens a step), "
         f"{args.steps} steps, device `{args.device}`, parameters `{args.dtype}`, seed {args.seed}. "
         f"Ours ran on: {ours_path}. Medians leave out the first {skip} steps (warm-up; for ours on CPU "
-        "also the one-time compilation, shown as 'first optimizer step').",
+        "also the one-time build or load of the fused CPU path, shown as 'first optimizer step').",
         "",
         "| | tokens/s | step ms (median) | optimizer step ms (median) | first optimizer step ms "
         "| final train loss (last 10) | held-out loss | optimizer state bytes |",
