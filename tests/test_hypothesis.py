@@ -18,7 +18,7 @@ from helpers import bf16_ulp, set_grads
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from triton_adadelta import Adadelta, adadelta_update_
+from triton_adadelta import Adadelta, adadelta_update_, cpu_fused
 
 # CI runs a fixed set of examples (derandomize) so that its verdict is reproducible; the "thorough"
 # profile draws fresh examples for exploring.
@@ -243,6 +243,8 @@ def test_fused_kernel_matches_reference_path(problem, combo, stochastic, master,
     flat_ref = [p for ps in ref_params for p in ps]
     if warmup:
         ref.load_state_dict(copy.deepcopy(fused.state_dict()))
+        for group in ref.param_groups:  # loading takes every group option from the saved dict, "fused" too
+            group["fused"] = False
     g = grads(warmup)
     set_grads(flat, g)
     set_grads(flat_ref, [x.cpu() for x in g])
@@ -366,3 +368,62 @@ def test_invalid_hyperparameters_are_rejected_everywhere(name, value, where):
         opt.param_groups[0][name] = snap[2][0][name]
     assert _same_bits(p[0], snap[0]) and _same_bits(opt.state[p[0]]["square_avg"], snap[1])
     assert len(opt.param_groups) == 1 and opt.param_groups[0] == snap[2][0]
+
+
+CPU_COMBOS = [(torch.complex64, torch.complex64, torch.float32)] + list(cpu_fused.SUPPORTED)
+
+
+@PROFILE
+@given(problem=problems([torch.float32], max_groups=3, max_tensors=3), combo=st.sampled_from(CPU_COMBOS),
+       clip_value=st.sampled_from([None, 0.5, 1e3]), grad_scale=st.sampled_from([None, 1.0, 1024.0, 3.0]),
+       warmup=st.integers(0, 2))
+def test_fused_cpu_path_matches_reference_path(problem, combo, clip_value, grad_scale, warmup):
+    """The fused CPU path (cpu_fused, the C update) against the reference path, one step from the same state."""
+    try:
+        functions = cpu_fused.library().functions
+    except cpu_fused.BuildError:
+        pytest.skip("no working C compiler on this machine")
+    groups, recipe = problem
+    pdtype, gdtype, sdtype = combo
+    real = torch.float32 if pdtype.is_complex else pdtype
+    assume((real, torch.float32 if gdtype.is_complex else gdtype, sdtype) in functions)  # float16 needs _Float16
+    groups = [([(shape, pdtype) for shape, _ in ts], hp) for ts, hp in groups]
+    options = dict(state_dtype=sdtype, clipvalue=clip_value)
+    scale = None if grad_scale is None else torch.tensor(grad_scale)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")  # CPU tensors take the PyTorch path and its fused CPU path
+        mp.setattr(cpu_fused, "MIN_NUMEL", 0)
+        calls = []
+        update = cpu_fused.fused_update_
+        mp.setattr(cpu_fused, "fused_update_",
+                   lambda slots, *a, **k: (calls.append(len(slots)), update(slots, *a, **k)))
+        params = _build_params(groups, "cpu")
+        fast = Adadelta([dict(params=ps, **hp) for ps, (_, hp) in zip(params, groups)], **options)
+        flat = [p for ps in params for p in ps]
+        row = recipe[0]
+
+        def grads(step):
+            dtype = None if gdtype == pdtype else gdtype
+            return [_gradient(p, scale_, zeros, seed + step, dtype) for p, (scale_, zeros, seed, _) in zip(flat, row)]
+
+        for step in range(warmup):
+            set_grads(flat, grads(step))
+            fast.step(grad_scale=scale)
+        ref_params = [[p.detach().clone() for p in ps] for ps in params]
+        ref = Adadelta([dict(params=ps, **hp) for ps, (_, hp) in zip(ref_params, groups)], fused=False, **options)
+        flat_ref = [p for ps in ref_params for p in ps]
+        if warmup:
+            ref.load_state_dict(copy.deepcopy(fast.state_dict()))
+            for group in ref.param_groups:  # loading takes every group option from the saved dict, "fused" too
+                group["fused"] = False
+        g = grads(warmup)
+        set_grads(flat, g)
+        set_grads(flat_ref, g)
+        fast.step(grad_scale=scale)
+        ref.step(grad_scale=scale)
+    assert len(calls) == warmup + 1  # every step went through the fused CPU path
+    for i, (p, q) in enumerate(zip(flat, flat_ref)):
+        _close(p, q, 1e-5, f"parameter {i}")
+        for name in ("square_avg", "acc_delta"):
+            _close(fast.state[p][name], ref.state[q][name], 1e-5, f"{name} {i}")
+        assert float(fast.state[p]["step"]) == warmup + 1
