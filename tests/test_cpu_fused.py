@@ -336,3 +336,24 @@ def test_fused_update_rejects_arguments_that_do_not_fit():
     step = torch.tensor(4.0)
     cpu_fused.fused_update_([(p, g, v, u)], hyper, [0], steps=[step])
     assert not torch.equal(p, before[0]) and float(step) == 5.0
+
+
+def test_read_only_cache_folder_builds_into_a_temporary_one(monkeypatch, tmp_path):
+    """A cache folder that cannot be created (read-only home): the library is built into a temporary folder."""
+    locked = str(tmp_path / "read-only" / "cache")
+    real_makedirs = os.makedirs
+
+    def makedirs(name, *args, **kwargs):
+        if str(name).startswith(locked):
+            raise PermissionError(13, "Permission denied", name)
+        return real_makedirs(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "makedirs", makedirs)
+    monkeypatch.setattr(cpu_fused, "_library", None)
+    monkeypatch.setenv("TRITON_ADADELTA_CACHE_DIR", locked)
+    lib = cpu_fused.library()
+    assert not lib.path.startswith(locked) and os.path.exists(lib.path)
+    p, g, v, u = torch.randn(100), torch.randn(100), torch.rand(100), torch.rand(100)
+    q = p.clone()
+    cpu_fused.fused_update_([(p, g, v, u)], torch.tensor([[1.0, 0.9, 0.1, 1e-6, 0.0, 1.0, 1.0, float("inf")]]), [0])
+    assert not torch.equal(p, q)

@@ -194,8 +194,11 @@ def library() -> _Library:
     global _library
     if _library is None:
         try:
-            _library = _build(source_path(), cache_dir())
-        except OSError as exc:  # an unwritable cache folder, a missing source file
+            try:
+                _library = _build(source_path(), cache_dir())
+            except PermissionError:  # a read-only home or cache folder: build for this process only
+                _library = _build(source_path(), tempfile.mkdtemp(prefix="triton_adadelta-"))
+        except OSError as exc:  # a missing source file, a full disk
             raise BuildError(str(exc)) from exc
     return _library
 
