@@ -217,6 +217,26 @@ def test_default_path_matches_torch(problem):
             _close(opt.state[p]["acc_delta"], ref.state[q]["acc_delta"], 2e-6, f"acc_delta {i}")
 
 
+def _reference_twin(opt: Adadelta, params, groups, options):
+    """A reference-path optimizer on CPU copies of ``params``, with ``opt``'s state (and steps) so far."""
+    ref_params = [[p.detach().cpu().clone() for p in ps] for ps in params]
+    ref = Adadelta([dict(params=ps, **hp) for ps, (_, hp) in zip(ref_params, groups)], fused=False, **options)
+    if opt.state:
+        ref.load_state_dict(copy.deepcopy(opt.state_dict()))
+        for group in ref.param_groups:  # loading takes every group option from the saved dict, "fused" too
+            group["fused"] = False
+    return ref, [p for ps in ref_params for p in ps]
+
+
+def _assert_same_step(opt: Adadelta, ref: Adadelta, flat, flat_ref, before, steps: int) -> None:
+    """Parameters and state of ``opt`` and its reference twin agree after one more step of each."""
+    for i, (p, q) in enumerate(zip(flat, flat_ref)):
+        _close(p, q, 1e-5, f"parameter {i}", scale=before[i])
+        for name in ("square_avg", "acc_delta"):
+            _close(opt.state[p][name], ref.state[q][name], 1e-5, f"{name} {i}")
+        assert float(opt.state[p]["step"]) == steps
+
+
 KERNEL_COMBOS = [  # (parameter, gradient, state)
     (torch.float32, torch.float32, torch.float32),
     (torch.bfloat16, torch.bfloat16, torch.float32),
@@ -248,24 +268,14 @@ def test_fused_kernel_matches_reference_path(problem, combo, stochastic, master,
     for step in range(warmup):
         set_grads(flat, grads(step))
         fused.step()
-    ref_params = [[p.detach().cpu().clone() for p in ps] for ps in params]
-    ref = Adadelta([dict(params=ps, **hp) for ps, (_, hp) in zip(ref_params, groups)], fused=False, **options)
-    flat_ref = [p for ps in ref_params for p in ps]
-    if warmup:
-        ref.load_state_dict(copy.deepcopy(fused.state_dict()))
-        for group in ref.param_groups:  # loading takes every group option from the saved dict, "fused" too
-            group["fused"] = False
+    ref, flat_ref = _reference_twin(fused, params, groups, options)
     g = grads(warmup)
     set_grads(flat, g)
     set_grads(flat_ref, [x.cpu() for x in g])
     before = [_finite_max(q) for q in flat_ref]
     fused.step()
     ref.step()
-    for i, (p, q) in enumerate(zip(flat, flat_ref)):
-        _close(p, q, 1e-5, f"parameter {i}", scale=before[i])
-        for name in ("square_avg", "acc_delta"):
-            _close(fused.state[p][name], ref.state[q][name], 1e-5, f"{name} {i}")
-        assert float(fused.state[p]["step"]) == warmup + 1
+    _assert_same_step(fused, ref, flat, flat_ref, before, warmup + 1)
 
 
 @PROFILE
@@ -420,13 +430,7 @@ def test_fused_cpu_path_matches_reference_path(problem, combo, clip_value, grad_
         for step in range(warmup):
             set_grads(flat, grads(step))
             fast.step(grad_scale=scale)
-        ref_params = [[p.detach().clone() for p in ps] for ps in params]
-        ref = Adadelta([dict(params=ps, **hp) for ps, (_, hp) in zip(ref_params, groups)], fused=False, **options)
-        flat_ref = [p for ps in ref_params for p in ps]
-        if warmup:
-            ref.load_state_dict(copy.deepcopy(fast.state_dict()))
-            for group in ref.param_groups:  # loading takes every group option from the saved dict, "fused" too
-                group["fused"] = False
+        ref, flat_ref = _reference_twin(fast, params, groups, options)
         g = grads(warmup)
         set_grads(flat, g)
         set_grads(flat_ref, g)
@@ -434,8 +438,4 @@ def test_fused_cpu_path_matches_reference_path(problem, combo, clip_value, grad_
         fast.step(grad_scale=scale)
         ref.step(grad_scale=scale)
     assert len(calls) == warmup + 1  # every step went through the fused CPU path
-    for i, (p, q) in enumerate(zip(flat, flat_ref)):
-        _close(p, q, 1e-5, f"parameter {i}", scale=before[i])
-        for name in ("square_avg", "acc_delta"):
-            _close(fast.state[p][name], ref.state[q][name], 1e-5, f"{name} {i}")
-        assert float(fast.state[p]["step"]) == warmup + 1
+    _assert_same_step(fast, ref, flat, flat_ref, before, warmup + 1)
