@@ -357,3 +357,31 @@ def test_read_only_cache_folder_builds_into_a_temporary_one(monkeypatch, tmp_pat
     q = p.clone()
     cpu_fused.fused_update_([(p, g, v, u)], torch.tensor([[1.0, 0.9, 0.1, 1e-6, 0.0, 1.0, 1.0, float("inf")]]), [0])
     assert not torch.equal(p, q)
+
+
+def _allocated_bytes(fn) -> int:
+    """Bytes allocated by torch operations while ``fn`` runs (torch.profiler's memory records)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return int(sum(max(0, e.self_cpu_memory_usage) for e in prof.key_averages()))
+
+
+def test_a_step_allocates_nothing_of_parameter_size(calls):
+    """Only the small tables are allocated per step; torch's foreach step needs two full-size temporaries."""
+    shapes = [(1000, 257), (257,), (300, 300), (7,)]
+    params = make_params(shapes, torch.float32, seed=70)
+    theirs = [p.clone() for p in params]
+    ours, torch_opt = Adadelta(params), torch.optim.Adadelta(theirs, foreach=True)
+    grads = random_grads(params, seed=71)
+    set_grads(params, grads)
+    set_grads(theirs, grads)
+    ours.step()
+    torch_opt.step()
+    param_bytes = sum(p.numel() * 4 for p in params)
+    ours_bytes = _allocated_bytes(ours.step)
+    torch_bytes = _allocated_bytes(torch_opt.step)
+    assert calls == [4, 4]
+    assert torch_bytes >= 2 * param_bytes  # the measurement sees full-size temporaries where there are some
+    assert 0 < ours_bytes < 4096, ours_bytes  # the tables (a few hundred bytes) and nothing more
