@@ -72,8 +72,8 @@ SUPPORTED: tuple[tuple[torch.dtype, torch.dtype, torch.dtype], ...] = tuple(
     for s in (torch.float32, torch.bfloat16)
 )
 
-# Columns of the hyperparameter table and of the tensor table (kernels/adadelta_cpu.c).
-_LR, _RHO, _OMR, _EPS, _WD, _SIGN, _GRAD_SCALE, _CLIP_VALUE = range(8)
+# The layout of the tables (hyperparameters: 8 float32 columns; tensors: 7 int64 columns) is the enum
+# of kernels/adadelta_cpu.c; its version number is checked when the library loads.
 _ABI = 2
 
 _SOURCE = "adadelta_cpu.c"
