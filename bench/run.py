@@ -86,7 +86,8 @@ def _load(results: str, kind: str) -> tuple[dict[tuple, dict], Optional[dict]]:
 
 
 def _ms(b: Optional[dict]) -> Optional[float]:
-    return None if b is None else 1e3 * b["stats"]["median"]
+    """Median milliseconds per step (a round may hold several steps: ``steps_per_round``)."""
+    return None if b is None else 1e3 * b["stats"]["median"] / b["extra_info"].get("steps_per_round", 1)
 
 
 def _fmt(x: Optional[float], spec: str = ".2f") -> str:
@@ -111,7 +112,9 @@ def render(results: str, kind: str) -> str:
         lines.append(f"- {hw}; torch {tv}, triton {trv}; {date} UTC")
     lines += [
         "",
-        "Median time of one `step()` in ms (lower is better). `ours GB/s` is the minimum traffic of our step "
+        "Median time of one `step()` in ms (lower is better; on CUDA, rounds of 10 steps back to back with one "
+        "synchronisation, per step, so that host and GPU work overlap as in training). "
+        "`ours GB/s` is the minimum traffic of our step "
         "(28 B/param fp32, 22 B/param bf16 params with fp32 state) over its time; `% copy` compares it with a "
         "device-to-device copy of as many bytes in the same run. `foreach / ours` is the speed-up over "
         "torch.optim.Adadelta(foreach=True). Peak: memory allocated above the resting level during one step "

@@ -42,8 +42,13 @@ class StateKey(NamedTuple):
 MASTER_NONE, MASTER_FP32, MASTER_REMAINDER = 0, 1, 2
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
 def is_dtensor(t: Tensor) -> bool:
     """True for a ``torch.distributed.tensor.DTensor`` (FSDP2 and tensor-parallel parameters)."""
+    if type(t) in _PLAIN:  # the common case, answered without looking for the DTensor class
+        return False
     cls = _dtensor_class()
     return cls is not None and isinstance(t, cls)
 

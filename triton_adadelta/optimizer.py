@@ -40,8 +40,11 @@ _BLOCK = 2048
 _NUM_WARPS = 4
 
 
+_REAL_OF_COMPLEX = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
 def _real_dtype(p: Tensor) -> torch.dtype:
-    return {torch.complex64: torch.float32, torch.complex128: torch.float64}.get(p.dtype, p.dtype)
+    return _REAL_OF_COMPLEX.get(p.dtype, p.dtype)
 
 
 def _triton_dtype(dtype: torch.dtype) -> Any:
@@ -372,15 +375,23 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         ``iterations``) divided by ``1 + decay * iterations`` (keras.py)."""
         return self._keras_lr(group)
 
-    def _use_kernel(self, group: dict[str, Any], p: Tensor, g: Tensor) -> bool:
+    def _use_kernel(self, group: dict[str, Any], p: Tensor, g: Tensor, device_ok: Optional[bool] = None) -> bool:
+        """Does the fused kernel update ``p``? ``device_ok``: ``kernel_device_ok(p.device)`` if the caller knows it."""
         fused = group["fused"]
-        if fused is False or group["differentiable"] or not _triton.kernel_device_ok(p.device):
+        if fused is False or group["differentiable"]:
             return False
-        if _real_dtype(p) not in _KERNEL_PARAM_DTYPES or g.dtype not in (p.dtype, torch.float32):
+        if not (device_ok if device_ok is not None else _triton.kernel_device_ok(p.device)):
             return False
-        if p.is_complex() and g.dtype != p.dtype:
+        real = _real_dtype(p)
+        if real not in _KERNEL_PARAM_DTYPES or g.dtype not in (p.dtype, torch.float32):
             return False
-        if self._state_key(group, p).state_dtype not in _KERNEL_STATE_DTYPES:
+        is_complex = real is not p.dtype
+        if is_complex and g.dtype != p.dtype:
+            return False
+        # The state dtype (_state_key's rule without building the key): the group's, or the real dtype
+        # of a complex parameter or when the group follows the parameter (both kernel dtypes here).
+        sdt = group["state_dtype"]
+        if not (sdt is None or is_complex or sdt in _KERNEL_STATE_DTYPES):
             return False
         return p.is_contiguous() and g.is_contiguous() and g.device == p.device
 
@@ -524,7 +535,8 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
                 ok = device_ok.get(p.device)
                 if ok is None:
                     ok = device_ok[p.device] = _triton.kernel_device_ok(p.device)
-                (kernel_entries if ok and self._use_kernel(e[1], p, local(e[3])) else torch_entries).append((i, e))
+                use = ok and self._use_kernel(e[1], p, local(e[3]), device_ok=True)
+                (kernel_entries if use else torch_entries).append((i, e))
             if kernel_entries:
                 self._step_kernel(kernel_entries, coefs, grad_scale, found_inf)
             if torch_entries:
