@@ -161,6 +161,57 @@ def render(results: str, kind: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(results: str, kind: str, path: str) -> bool:
+    """A PNG of the step tables: ms per step against parameters (log-log), one panel per mode, one line
+    per implementation, and ours as a percentage of the copy. Returns False when there is nothing to plot."""
+    best, _ = _load(results, kind)
+    steps = [b for (k, *_), b in best.items() if k == "step"]
+    if not steps:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = sorted({b["extra_info"]["mode"] for b in steps})
+    fig, axes = plt.subplots(1, len(modes) + 1, figsize=(5 * (len(modes) + 1), 4))
+    for ax, mode in zip(axes, modes):
+        for impl in IMPL_ORDER:
+            pts = sorted((b["extra_info"]["params"], _ms(b)) for b in steps
+                         if b["extra_info"]["mode"] == mode and b["extra_info"]["impl"] == impl)
+            if pts:
+                ax.plot([p for p, _ in pts], [t for _, t in pts], marker="o", label=impl)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("parameters")
+        ax.set_ylabel("ms per step (median)")
+        ax.set_title(f"{mode}: one optimizer step")
+        ax.legend(fontsize=8)
+    ax = axes[-1]
+    for mode in modes:
+        pts = []
+        for b in steps:
+            info = b["extra_info"]
+            copy = best.get(("copy", info["set"], mode, None))
+            if info["impl"] == "ours" and info["mode"] == mode and copy and info.get("gbps"):
+                pts.append((info["params"], 100 * info["gbps"] / copy["extra_info"]["gbps"]))
+        if pts:
+            pts.sort()
+            ax.plot([p for p, _ in pts], [v for _, v in pts], marker="o", label=f"ours, {mode}")
+    ax.axhline(100, color="grey", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("% of a copy's bandwidth")
+    ax.set_title("ours: effective bandwidth / copy")
+    ax.legend(fontsize=8)
+    hw = sorted({b["_versions"].get("hardware", "?") for b in steps})
+    fig.suptitle(f"{'; '.join(hw)} (bench/run.py; dates and versions in docs/benchmarks.md)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def write_docs(doc: str, kind: str, table: str) -> None:
     begin, end = f"<!-- BEGIN bench:{kind} -->", f"<!-- END bench:{kind} -->"
     text = open(doc, encoding="utf-8").read() if os.path.exists(doc) else "# Benchmarks\n"
@@ -228,6 +279,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             with open(json_path, "w", encoding="utf-8") as f:
                 json.dump(data, f, indent=1)
     table = render(args.results, kind)
+    png = f"benchmarks-{kind}.png"
+    if plot(args.results, kind, os.path.join(os.path.dirname(os.path.abspath(args.doc)), png)):
+        table += f"\n![one optimizer step on {kind}: times and bandwidth]({png})\n"
     tests_file = os.path.join(args.results, f"{kind}-tests.txt")
     if kind == "cuda" and os.path.exists(tests_file):
         table = f"Test suite on this card: {open(tests_file, encoding='utf-8').read().strip()}\n\n" + table
