@@ -703,6 +703,6 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
                 BLOCK=_BLOCK, VEC=vec, HAS_CLIP=has_clip, HAS_SCALER=has_scaler,
                 MASTER=int(key.master), STOCHASTIC=stochastic,
                 num_warps=_NUM_WARPS,
-                enable_fp_fusion=False,  # no FMA contraction: the same rounding as torch's operations
+                enable_fp_fusion=False,  # no FMA contraction: each operation rounded once, as in the reference
             )
             plan.increment_steps(inf if has_scaler else None)

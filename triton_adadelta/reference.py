@@ -249,7 +249,8 @@ def adadelta_update_(
     if weight_decay != 0:
         g32 = g32 + weight_decay * p32
 
-    # torch's order of operations (addcmul is (value * t1) * t2), so float32 matches it bit for bit.
+    # torch's order of operations (addcmul is (value * t1) * t2). torch's vectorised CPU addcmul fuses
+    # the last multiply-add; these separate operations round it twice, as the kernels do (docs/api.md).
     v = v_store.to(cdt) * rho + ((1 - rho) * g32) * g32
     std = (v + eps).sqrt()
     delta = (u_store.to(cdt) + eps).sqrt() / std * g32
