@@ -1,11 +1,11 @@
 /* The fused multi-tensor Adadelta update for CPU tensors: the Triton kernel's CPU counterpart.
  *
- * One call updates every tensor of a bucket. Each tensor is a row of an int64 table (addresses of
- * p, g, square_avg and acc_delta, its element count, its hyperparameter row, the address of its
- * float32 step count or 0); the work, all elements
- * of all tensors end to end, is cut into one contiguous range per thread, so a thread may finish one
- * tensor and start the next, and a large tensor is shared by several threads. Every element is read
- * once (p, g, v, u) and written once (p, v, u); the arithmetic is float32 in registers:
+ * One call updates every tensor of a bucket. Each tensor is a row of an int64 table: the addresses
+ * of p, g, square_avg and acc_delta, its element count, its hyperparameter row, and the address of
+ * its float32 step count (or 0), which the call increments. The work, all elements of all tensors
+ * end to end, is cut into one contiguous range per thread, so a thread may finish one tensor and
+ * start the next, and a large tensor is shared by several threads. Every element is read once
+ * (p, g, v, u) and written once (p, v, u); the arithmetic is float32 in registers:
  *
  *     g = clamp(g / grad_scale, -clip_value, clip_value) * coef * sign
  *     g = g + wd * p                                  (only when wd != 0, as torch)
