@@ -14,9 +14,8 @@ With ``--dtype bf16`` the parameters are bfloat16: torch keeps its state in bflo
 the parameter dtype), ours keeps float32 state (its default).
 
 On CUDA ours runs the fused Triton kernel; on CPU it runs the fused CPU path
-(:mod:`triton_adadelta.cpu_fused`) when the model has at least ``cpu_fused.MIN_NUMEL`` parameters,
-which the default size has. The first optimizer step then includes the one-time build of that
-path (or its load from the on-disk cache); it is reported on its own and left out of the medians.
+(:mod:`triton_adadelta.cpu_fused`). The first optimizer step then includes the one-time build of
+that path (or its load from the on-disk cache); it is reported on its own and left out of the medians.
 """
 
 from __future__ import annotations

