@@ -385,3 +385,19 @@ def test_a_step_allocates_nothing_of_parameter_size(calls):
     assert calls == [4, 4]
     assert torch_bytes >= 2 * param_bytes  # the measurement sees full-size temporaries where there are some
     assert 0 < ours_bytes < 4096, ours_bytes  # the tables (a few hundred bytes) and nothing more
+
+
+def test_fused_true_on_cpu_takes_the_fused_cpu_path(calls):
+    """fused=True on CPU tensors (no interpreter) means the fused CPU path, as torch's fused=True on CPU."""
+    params = make_params([(9,), (33, 17), (5,)], torch.float32, seed=80)
+    ref_params = [p.clone() for p in params]
+    fast, ref = Adadelta(params, fused=True, lr=0.7), Adadelta(ref_params, fused=False, lr=0.7)
+    for step in range(2):
+        grads = random_grads(params, seed=81 + step)
+        set_grads(params, grads)
+        set_grads(ref_params, grads)
+        fast.step()
+        ref.step()
+    assert calls == [3, 3]
+    for a, b in zip(params, ref_params):
+        assert_close_rel(a, b, rtol=1e-5, what="param")

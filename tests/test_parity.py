@@ -239,9 +239,19 @@ def test_state_dtype_none_follows_param_and_default_is_fp32():
     assert opt2.state[q16[0]]["step"].dtype == torch.float32
 
 
-def test_fused_true_on_cpu_without_interpreter_says_why(monkeypatch):
+def test_fused_true_on_cpu_without_a_fused_cpu_path_says_why(monkeypatch, tmp_path):
+    """fused=True on CPU (no interpreter) needs the fused CPU path; without it the error says why."""
+    from triton_adadelta import cpu_fused
+
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1|triton is not installed"):
+    monkeypatch.setattr(cpu_fused, "ENABLED", False)
+    with pytest.raises(RuntimeError, match="fused CPU path is switched off"):
+        Adadelta([torch.randn(3)], fused=True)
+    monkeypatch.setattr(cpu_fused, "ENABLED", True)
+    monkeypatch.setattr(cpu_fused, "_library", None)
+    monkeypatch.setenv("TRITON_ADADELTA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(RuntimeError, match="fused CPU path cannot be built: cannot run the C compiler"):
         Adadelta([torch.randn(3)], fused=True)
 
 

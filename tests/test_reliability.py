@@ -213,10 +213,14 @@ def test_add_param_group_rejects_and_changes_nothing(fused, case):
 
 
 def test_add_param_group_fused_on_unsupported_device_is_not_added(monkeypatch):
+    from triton_adadelta import cpu_fused
+
     opt, params, twin, twin_params = _make(False)
     before = snapshot(opt, params)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="`fused=True` requires CUDA tensors"):
+    monkeypatch.setattr(cpu_fused, "ENABLED", False)  # no fused CPU path either: no fused path for CPU tensors
+    with pytest.raises(RuntimeError, match="`fused=True` requires CUDA tensors or CPU tensors with the fused CPU "
+                                           "path; got a parameter on cpu: the fused CPU path is switched off"):
         opt.add_param_group(dict(params=[torch.randn(3)], fused=True))
     monkeypatch.undo()
     assert len(opt.param_groups) == 2, "a group that failed its check must not stay in the optimizer"

@@ -196,12 +196,21 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
 
     @staticmethod
     def _kernel_unavailable(device: torch.device) -> Optional[str]:
-        """None when the kernel can run on ``device``, else why not (for error messages)."""
+        """None when a fused path can run on ``device`` (the Triton kernel, or on CPU the fused CPU path),
+        else why not (for error messages)."""
         if _triton.kernel_device_ok(device):
+            return None
+        if device.type == "cpu":
+            if not cpu_fused.ENABLED:
+                return "the fused CPU path is switched off (TRITON_ADADELTA_CPU_COMPILE=0)"
+            try:
+                cpu_fused.library()  # built (about a second) or loaded now, so that a failure shows here
+            except cpu_fused.BuildError as exc:
+                return f"the fused CPU path cannot be built: {exc}"
             return None
         if not _triton.HAS_TRITON:
             return "triton is not installed"
-        return "set TRITON_INTERPRET=1 to run the kernel on CPU tensors"
+        return "the Triton kernel does not run on this device"
 
     def _state_names(self, group: dict[str, Any], p: Tensor) -> tuple[set[str], set[str]]:
         """(required, allowed) names of a non-empty saved state entry of ``p`` in ``group``.

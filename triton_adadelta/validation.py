@@ -193,7 +193,7 @@ def check_param_group(
             why = device_ok(p.device)
             if why is not None:
                 raise RuntimeError(
-                    f"`fused=True` requires CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); "
+                    f"`fused=True` requires CUDA tensors or CPU tensors with the fused CPU path; "
                     f"got a parameter on {p.device}: {why}"
                 )
 
