@@ -106,6 +106,15 @@ def test_matches_reference_each_step(key, calls):
     assert any(float(p.abs().max()) > 0 for p in params)
 
 
+def _step_both(pairs, params, twins, seed):
+    """One step of each optimizer in ``pairs`` on the same fresh gradients (``params`` and their ``twins``)."""
+    grads = random_grads(params, seed=seed)
+    set_grads(params, grads)
+    set_grads(twins, grads)
+    for opt in pairs:
+        opt.step()
+
+
 def test_float32_matches_torch_optim_over_steps(calls):
     params = make_params(SIZES, torch.float32, seed=5)
     theirs = [p.clone() for p in params]
@@ -114,13 +123,7 @@ def test_float32_matches_torch_optim_over_steps(calls):
     sched = torch.optim.lr_scheduler.StepLR(ours, step_size=2, gamma=0.5)
     torch_sched = torch.optim.lr_scheduler.StepLR(torch_opt, step_size=2, gamma=0.5)
     for step in range(6):
-        grads = random_grads(params, seed=7 + step)
-        set_grads(params, grads)
-        set_grads(theirs, grads)
-        ours.step()
-        torch_opt.step()
-        sched.step()
-        torch_sched.step()
+        _step_both((ours, torch_opt, sched, torch_sched), params, theirs, seed=7 + step)
     for i, (a, b) in enumerate(zip(params, theirs)):
         assert_close_rel(a, b, rtol=1e-5, what=f"param {i}")
         assert_close_rel(ours.state[a]["acc_delta"], torch_opt.state[b]["acc_delta"], rtol=1e-5, what="acc_delta")
@@ -393,11 +396,7 @@ def test_fused_true_on_cpu_takes_the_fused_cpu_path(calls):
     ref_params = [p.clone() for p in params]
     fast, ref = Adadelta(params, fused=True, lr=0.7), Adadelta(ref_params, fused=False, lr=0.7)
     for step in range(2):
-        grads = random_grads(params, seed=81 + step)
-        set_grads(params, grads)
-        set_grads(ref_params, grads)
-        fast.step()
-        ref.step()
+        _step_both((fast, ref), params, ref_params, seed=81 + step)
     assert calls == [3, 3]
     for a, b in zip(params, ref_params):
         assert_close_rel(a, b, rtol=1e-5, what="param")
