@@ -1,6 +1,6 @@
 """Final losses of a small bf16/fp16 training run in every precision mode, as a markdown table.
 
-The problem is tests/test_precision.py's: noisy linear regression (512 x 64, weights of magnitude ~2)
+The problem is the tests' (tests/helpers.py: regression): noisy linear regression (512 x 64, weights of magnitude ~2)
 started near its solution, the regime where Adadelta's steps are smaller than half a bf16 ulp.
 Usage: python bench/precision_training.py [--fused]   (--fused: the Triton kernel; on a machine
 without a GPU set TRITON_INTERPRET=1 and expect minutes).
@@ -9,34 +9,17 @@ without a GPU set TRITON_INTERPRET=1 and expect minutes).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import sys
 
 import torch
 
 from triton_adadelta import Adadelta
 
-
-def regression(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.cat([torch.randn(512, 64, generator=g), torch.ones(512, 1)], 1)
-    w_star = torch.randn(65, 1, generator=g) * 2
-    y = x @ w_star + 0.5 * torch.randn(512, 1, generator=g)
-    w0 = w_star + 0.1 * torch.randn(65, 1, generator=g)
-    return x, y, w0
-
-
-def train(make_opt, dtype, device, steps, seed=0) -> float:
-    x, y, w0 = regression(seed)
-    x, y = x.to(device), y.to(device)
-    w = w0.to(device, dtype).requires_grad_()
-    opt = make_opt([w])
-    for _ in range(steps):
-        opt.zero_grad()
-        ((x @ w.float() - y) ** 2).mean().backward()
-        opt.step()
-    with torch.no_grad():
-        return float(((x @ w.float() - y) ** 2).mean())
-
+# The problem and its training loop are the tests' (tests/helpers.py), so the table and the tests agree.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from helpers import train_regression as train  # noqa: E402
 
 MODES = [
     ("round to nearest", {}),

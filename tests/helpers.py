@@ -53,3 +53,31 @@ def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
     """The gap from |x|, rounded to bfloat16, to the next bfloat16 value away from zero."""
     x = x.to(torch.bfloat16).float().abs()
     return (x.view(torch.int32) + (1 << 16)).view(torch.float32) - x
+
+
+def regression(seed: int = 0):
+    """Noisy linear regression started near the solution: the fine-tuning regime, where updates are small.
+
+    Returns ``(x, y, w0)``: 512 x 65 inputs (a bias column included), targets, and start weights of
+    magnitude ~2 (a bf16 ulp of 2^-6) within 0.1 of the solution.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat([torch.randn(512, 64, generator=g), torch.ones(512, 1)], 1)
+    w_star = torch.randn(65, 1, generator=g) * 2
+    y = x @ w_star + 0.5 * torch.randn(512, 1, generator=g)
+    w0 = w_star + 0.1 * torch.randn(65, 1, generator=g)
+    return x, y, w0
+
+
+def train_regression(make_opt, dtype, device, steps=100, seed=0) -> float:
+    """The final mean squared error of ``steps`` full-batch steps on :func:`regression` with weights in ``dtype``."""
+    x, y, w0 = regression(seed)
+    x, y = x.to(device), y.to(device)
+    w = w0.to(device, dtype).requires_grad_()
+    opt = make_opt([w])
+    for _ in range(steps):
+        opt.zero_grad()
+        ((x @ w.float() - y) ** 2).mean().backward()
+        opt.step()
+    with torch.no_grad():
+        return float(((x @ w.float() - y) ** 2).mean())

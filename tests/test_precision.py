@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 from conftest import KERNEL_DEVICE, needs_gpu, needs_kernel
-from helpers import assert_close_rel, make_params, random_grads, set_grads
+from helpers import assert_close_rel, make_params, random_grads, regression, set_grads, train_regression
 
 from triton_adadelta import Adadelta
 from triton_adadelta.reference import (
@@ -560,40 +560,16 @@ def test_remainder_mode_state_dict_and_bad_dtype():
 
 
 # ------------------------------------------------------------------------------------- training
-def _regression(seed: int = 0):
-    """Noisy linear regression started near the solution: the fine-tuning regime, where updates are small."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.cat([torch.randn(512, 64, generator=g), torch.ones(512, 1)], 1)
-    w_star = torch.randn(65, 1, generator=g) * 2
-    y = x @ w_star + 0.5 * torch.randn(512, 1, generator=g)
-    w0 = w_star + 0.1 * torch.randn(65, 1, generator=g)
-    return x, y, w0
-
-
-def _train(make_opt, dtype, device, steps=100) -> float:
-    x, y, w0 = _regression()
-    x, y = x.to(device), y.to(device)
-    w = w0.to(device, dtype).requires_grad_()
-    opt = make_opt([w])
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = ((x @ w.float() - y) ** 2).mean()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        return float(((x @ w.float() - y) ** 2).mean())
-
-
 @pytest.mark.parametrize("fused", PATHS)
 def test_bf16_training_reaches_the_fp32_loss(fused):
     """bf16 weights of magnitude ~2 (ulp 2^-6) with Adadelta steps of ~3e-3: round to nearest drops most
     updates, stochastic rounding and master weights land within a few percent of the float32 run."""
     dev = _device(fused)
-    fp32 = _train(lambda ps: torch.optim.Adadelta(ps), torch.float32, "cpu")
-    x, y, w0 = _regression()
+    fp32 = train_regression(lambda ps: torch.optim.Adadelta(ps), torch.float32, "cpu")
+    x, y, w0 = regression()
     assert fp32 < 0.5 * float(((x @ w0 - y) ** 2).mean())  # the float32 run itself learns
     losses = {
-        name: _train(lambda ps, kw=kw: Adadelta(ps, fused=fused, **kw), torch.bfloat16, dev)
+        name: train_regression(lambda ps, kw=kw: Adadelta(ps, fused=fused, **kw), torch.bfloat16, dev)
         for name, kw in [("nearest", {}), ("stochastic", dict(stochastic_rounding=True)),
                          ("master", dict(master_weights=True))]
         # Remainders hold the same float32 values as master weights (test_remainder_mode_is_exact_float32):
@@ -608,10 +584,10 @@ def test_bf16_training_reaches_the_fp32_loss(fused):
 
 
 def test_fp16_training_reaches_the_fp32_loss():
-    fp32 = _train(lambda ps: torch.optim.Adadelta(ps), torch.float32, "cpu")
+    fp32 = train_regression(lambda ps: torch.optim.Adadelta(ps), torch.float32, "cpu")
     for kw in (dict(stochastic_rounding=True), dict(master_weights=True),
                dict(stochastic_rounding=True, state_dtype=torch.float16)):
-        loss = _train(lambda ps, kw=kw: Adadelta(ps, fused=False, **kw), torch.float16, "cpu")
+        loss = train_regression(lambda ps, kw=kw: Adadelta(ps, fused=False, **kw), torch.float16, "cpu")
         assert loss < 1.05 * fp32, (kw, fp32, loss)
 
 
