@@ -334,6 +334,18 @@ def _load_post_hook(opt: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------------- the mixin
+def _clip_property(name: str, doc: str) -> property:
+    """A Keras clip attribute: reads ``self._<name>``, writes through ``_set_clip`` (checks, exclusivity)."""
+
+    def get(self: Any) -> Optional[float]:
+        return getattr(self, "_" + name)
+
+    def set_(self: Any, value: Optional[float]) -> None:
+        self._set_clip(name, value)
+
+    return property(get, set_, doc=doc)
+
+
 class KerasOptimizerMixin:
     """Keras' OptimizerV2 API on a torch optimizer with Adadelta's state (``square_avg``, ``acc_delta``).
 
@@ -484,32 +496,10 @@ class KerasOptimizerMixin:
                              f"Received: `clipnorm`={norm}, `global_clipnorm`={global_norm}.")
         setattr(self, "_" + name, value)
 
-    @property
-    def clipnorm(self) -> Optional[float]:
-        """Per-tensor norm clip: ``g * c / max(||g||, c)``."""
-        return self._clipnorm
-
-    @clipnorm.setter
-    def clipnorm(self, value: Optional[float]) -> None:
-        self._set_clip("clipnorm", value)
-
-    @property
-    def clipvalue(self) -> Optional[float]:
-        """Element clip: ``clamp(g, -c, c)``, before any norm clip."""
-        return self._clipvalue
-
-    @clipvalue.setter
-    def clipvalue(self, value: Optional[float]) -> None:
-        self._set_clip("clipvalue", value)
-
-    @property
-    def global_clipnorm(self) -> Optional[float]:
-        """Norm clip over all tensors: ``g * c * min(1 / G, 1 / c)``, G the global norm."""
-        return self._global_clipnorm
-
-    @global_clipnorm.setter
-    def global_clipnorm(self, value: Optional[float]) -> None:
-        self._set_clip("global_clipnorm", value)
+    clipnorm = _clip_property("clipnorm", "Per-tensor norm clip: ``g * c / max(||g||, c)``.")
+    clipvalue = _clip_property("clipvalue", "Element clip: ``clamp(g, -c, c)``, before any norm clip.")
+    global_clipnorm = _clip_property(
+        "global_clipnorm", "Norm clip over all tensors: ``g * c * min(1 / G, 1 / c)``, G the global norm.")
 
     # ------------------------------------------------------------------ iterations
     @property
