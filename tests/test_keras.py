@@ -115,6 +115,19 @@ def _make(shapes, dtype, device, seed):
     return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).to(device).requires_grad_() for s in shapes]
 
 
+
+def _oracle_step(oracle, grads, values) -> None:
+    """One step of the NumPy Keras model on the same gradients (``values[i]`` is variable ``i``)."""
+    oracle.apply_gradients([(_np(g), i) for i, g in enumerate(grads)], values)
+
+
+def _step_both(opt, oracle, params, grads, values) -> None:
+    """Set ``grads`` on ``params``, step ours, and step the Keras model on the same gradients."""
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+    _oracle_step(oracle, grads, values)
+
 def _grads(params, seed, scales=SCALES):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(p.shape, generator=g, dtype=torch.float64) * s).to(p.dtype).to(p.device)
@@ -182,7 +195,7 @@ def test_clipping_matches_keras_over_steps(path, clip, dtype):
         opt.step()
         for p, g in zip(params, grads):  # Keras leaves the gradients alone, and so do we
             assert torch.equal(p.grad, g)
-        oracle.apply_gradients([(_np(g), i) for i, g in enumerate(grads)], values)
+        _oracle_step(oracle, grads, values)
         unclipped.apply_gradients([(_np(g), i) for i, g in enumerate(grads)], plain)
     for i, p in enumerate(params):
         _close(p, values[i], dtype, f"param {i}")
@@ -208,10 +221,7 @@ def test_clipping_low_precision_fused_each_step(clip, dtype):
             for i, p in enumerate(params):
                 oracle.accum_grad[i] = _np(opt.get_slot(p, "accum_grad"))
                 oracle.accum_var[i] = _np(opt.get_slot(p, "accum_var"))
-        for p, g in zip(params, grads):
-            p.grad = g
-        opt.step()
-        oracle.apply_gradients([(_np(g), i) for i, g in enumerate(grads)], values)
+        _step_both(opt, oracle, params, grads, values)
         for i, p in enumerate(params):
             _close(p, values[i], dtype, f"step {step} param {i}")
             _close(opt.get_slot(p, "accum_grad"), oracle.accum_grad[i], torch.float32, f"accum_grad {i}")
@@ -234,10 +244,7 @@ def test_decay_and_schedules(path):
         oracle = KerasAdadelta(rho=0.9, epsilon=1e-6, **theirs)
         for step in range(4):
             grads = _grads(params, seed=30 + step)
-            for p, g in zip(params, grads):
-                p.grad = g
-            opt.step()
-            oracle.apply_gradients([(_np(g), i) for i, g in enumerate(grads)], values)
+            _step_both(opt, oracle, params, grads, values)
         for i, p in enumerate(params):
             _close(p, values[i], torch.float32, f"{ours} param {i}")
 
@@ -264,7 +271,7 @@ def test_grad_scaler_unscales_before_clipping(path):
         for p, g in zip(params, grads):
             p.grad = g * 8.0
         opt.step(grad_scale=scale, found_inf=torch.zeros(1, device=dev))
-        oracle.apply_gradients([(_np(g), i) for i, g in enumerate(grads)], values)
+        _oracle_step(oracle, grads, values)
     for i, p in enumerate(params):
         _close(p, values[i], torch.float32, f"param {i}")
 
@@ -285,7 +292,7 @@ def test_found_inf_step_changes_nothing_and_is_not_counted(path):
         if inf:
             assert all(torch.equal(p, b) for p, b in zip(params, before))
         else:
-            oracle.apply_gradients([(_np(g), i) for i, g in enumerate(grads)], values)
+            _oracle_step(oracle, grads, values)
     assert int(opt.iterations) == 3 == oracle.iterations
     assert opt.iterations.dtype == torch.int64 and opt.iterations.device.type == torch.device(dev).type
     for i, p in enumerate(params):  # decay used the count of steps taken, skipped ones excluded
@@ -317,10 +324,7 @@ def test_mixed_paths_share_the_global_norm(path):
     oracle = KerasAdadelta(learning_rate=0.5, rho=0.9, epsilon=1e-6, global_clipnorm=1.5, clipvalue=2.0)
     for step in range(2):
         grads = _grads(params, seed=60 + step, scales=[3.0, 5.0])
-        for p, g in zip(params, grads):
-            p.grad = g
-        opt.step()
-        oracle.apply_gradients([(_np(g), i) for i, g in enumerate(grads)], values)
+        _step_both(opt, oracle, params, grads, values)
     for i, p in enumerate(params):
         _close(p, values[i], torch.float32, f"param {i}")
 
@@ -333,10 +337,7 @@ def test_differentiable_path_clips_too():
     oracle = KerasAdadelta(learning_rate=1.0, rho=0.9, epsilon=1e-6, clipvalue=0.5, clipnorm=1.0)
     for step in range(2):
         grads = _grads(mine, seed=70 + step)
-        for p, g in zip(mine, grads):
-            p.grad = g
-        opt.step()
-        oracle.apply_gradients([(_np(g), i) for i, g in enumerate(grads)], values)
+        _step_both(opt, oracle, mine, grads, values)
     for i, p in enumerate(mine):
         _close(p, values[i], torch.float32, f"param {i}")
 
@@ -792,10 +793,7 @@ def test_squared_norm_hook_sees_the_norms_before_multipliers():
     opt._squared_norm_hook = all_reduce_two_ranks
     oracle = KerasAdadelta(learning_rate=0.5, rho=0.9, epsilon=1e-6, clipnorm=1.0, norm_factor=2.0)
     grads = _grads(params, seed=18)
-    for p, g in zip(params, grads):
-        p.grad = g
-    opt.step()
-    oracle.apply_gradients([(_np(g), i) for i, g in enumerate(grads)], values)
+    _step_both(opt, oracle, params, grads, values)
     assert len(seen) == 1 and seen[0].shape == (len(params) + 1,)
     _close(seen[0][:-1], [float((_np(g) ** 2).sum()) for g in grads], torch.float32, "squared norms")
     for i, p in enumerate(params):
