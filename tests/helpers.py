@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -81,3 +83,18 @@ def train_regression(make_opt, dtype, device, steps=100, seed=0) -> float:
         opt.step()
     with torch.no_grad():
         return float(((x @ w.float() - y) ** 2).mean())
+
+
+def resync_reference(fused, ref, params, ref_params) -> None:
+    """Give the reference-path optimizer ``ref`` the fused optimizer's state and parameter values, so that
+    a comparison of one step starts both from the same point (16-bit roundings don't compound).
+
+    Loading a state_dict takes every group option from it, ``fused`` too, as torch's does: it is set
+    back to False, or ``ref`` would run the fused path and the comparison would compare it with itself.
+    """
+    ref.load_state_dict(copy.deepcopy(fused.state_dict()))
+    for group in ref.param_groups:
+        group["fused"] = False
+    with torch.no_grad():
+        for p, q in zip(params, ref_params):
+            q.copy_(p.cpu())

@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 from conftest import KERNEL_DEVICE, needs_kernel
-from helpers import bf16_ulp, set_grads
+from helpers import bf16_ulp, resync_reference, set_grads
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -221,11 +221,10 @@ def _reference_twin(opt: Adadelta, params, groups, options):
     """A reference-path optimizer on CPU copies of ``params``, with ``opt``'s state (and steps) so far."""
     ref_params = [[p.detach().cpu().clone() for p in ps] for ps in params]
     ref = Adadelta([dict(params=ps, **hp) for ps, (_, hp) in zip(ref_params, groups)], fused=False, **options)
+    flat_ref = [p for ps in ref_params for p in ps]
     if opt.state:
-        ref.load_state_dict(copy.deepcopy(opt.state_dict()))
-        for group in ref.param_groups:  # loading takes every group option from the saved dict, "fused" too
-            group["fused"] = False
-    return ref, [p for ps in ref_params for p in ps]
+        resync_reference(opt, ref, [p for ps in params for p in ps], flat_ref)
+    return ref, flat_ref
 
 
 def _assert_same_step(opt: Adadelta, ref: Adadelta, flat, flat_ref, before, steps: int) -> None:

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 from conftest import KERNEL_DEVICE, needs_kernel
-from helpers import assert_close_rel, bf16_ulp, make_params, random_grads, set_grads
+from helpers import assert_close_rel, bf16_ulp, make_params, random_grads, resync_reference, set_grads
 
 from triton_adadelta import Adadelta
 
@@ -63,10 +63,7 @@ def test_kernel_matches_reference_each_step(pdtype, gdtype, sdtype):
         grads = random_grads(params, seed=10 + step, grad_dtype=gdtype)
         set_grads(params, grads)
         set_grads(ref_params, [g.cpu() for g in grads])
-        ref.load_state_dict(copy.deepcopy(fused.state_dict()))
-        with torch.no_grad():
-            for p, q in zip(params, ref_params):
-                q.copy_(p.cpu())
+        resync_reference(fused, ref, params, ref_params)
         fused.step()
         ref.step()
         for i, (p, q) in enumerate(zip(params, ref_params)):

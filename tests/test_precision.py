@@ -13,7 +13,15 @@ import math
 import pytest
 import torch
 from conftest import KERNEL_DEVICE, needs_gpu, needs_kernel
-from helpers import assert_close_rel, make_params, random_grads, regression, set_grads, train_regression
+from helpers import (
+    assert_close_rel,
+    make_params,
+    random_grads,
+    regression,
+    resync_reference,
+    set_grads,
+    train_regression,
+)
 
 from triton_adadelta import Adadelta
 from triton_adadelta.reference import (
@@ -285,10 +293,7 @@ def test_kernel_rounds_like_the_reference(combo):
         grads = random_grads(params, seed=10 + step)
         set_grads(params, grads)
         set_grads(ref_params, [g.cpu() for g in grads])
-        ref.load_state_dict(copy.deepcopy(fused.state_dict()))
-        with torch.no_grad():
-            for p, q in zip(params, ref_params):
-                q.copy_(p.cpu())
+        resync_reference(fused, ref, params, ref_params)
         fused.step()
         ref.step()
         for i, (p, q) in enumerate(zip(params, ref_params)):
