@@ -87,58 +87,52 @@ def _floor(x: Union[float, Tensor]) -> Union[float, Tensor]:
     return torch.floor(x) if isinstance(x, Tensor) else float(math.floor(x))
 
 
-class ExponentialDecay(LearningRateSchedule):
+class _DecaySchedule(LearningRateSchedule):
+    """Keras' decay schedules: ``initial_learning_rate`` scaled by a function of ``step / decay_steps``
+    (floored with ``staircase``), :meth:`_scale`."""
+
+    def __init__(self, initial_learning_rate: float, decay_steps: int, decay_rate: float,
+                 staircase: bool = False, name: Optional[str] = None) -> None:
+        if not decay_steps > 0:
+            raise ValueError(f"decay_steps must be > 0, got {decay_steps}")
+        self.initial_learning_rate = initial_learning_rate
+        self.decay_steps = decay_steps
+        self.decay_rate = decay_rate
+        self.staircase = staircase
+        self.name = name
+
+    def _scale(self, progress: Union[float, Tensor]) -> Union[float, Tensor]:
+        raise NotImplementedError
+
+    def __call__(self, step: Union[int, Tensor]) -> Union[float, Tensor]:
+        p = step / self.decay_steps
+        if self.staircase:
+            p = _floor(p)
+        return self._scale(p)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"initial_learning_rate": self.initial_learning_rate, "decay_steps": self.decay_steps,
+                "decay_rate": self.decay_rate, "staircase": self.staircase, "name": self.name}
+
+
+class ExponentialDecay(_DecaySchedule):
     """Keras' ExponentialDecay: ``initial_learning_rate * decay_rate ** (step / decay_steps)``.
 
     With ``staircase`` the exponent is floored (the rate drops every ``decay_steps`` steps).
     """
 
-    def __init__(self, initial_learning_rate: float, decay_steps: int, decay_rate: float,
-                 staircase: bool = False, name: Optional[str] = None) -> None:
-        if not decay_steps > 0:
-            raise ValueError(f"decay_steps must be > 0, got {decay_steps}")
-        self.initial_learning_rate = initial_learning_rate
-        self.decay_steps = decay_steps
-        self.decay_rate = decay_rate
-        self.staircase = staircase
-        self.name = name
-
-    def __call__(self, step: Union[int, Tensor]) -> Union[float, Tensor]:
-        p = step / self.decay_steps
-        if self.staircase:
-            p = _floor(p)
-        return self.initial_learning_rate * self.decay_rate ** p
-
-    def get_config(self) -> dict[str, Any]:
-        return {"initial_learning_rate": self.initial_learning_rate, "decay_steps": self.decay_steps,
-                "decay_rate": self.decay_rate, "staircase": self.staircase, "name": self.name}
+    def _scale(self, progress: Union[float, Tensor]) -> Union[float, Tensor]:
+        return self.initial_learning_rate * self.decay_rate ** progress
 
 
-class InverseTimeDecay(LearningRateSchedule):
+class InverseTimeDecay(_DecaySchedule):
     """Keras' InverseTimeDecay: ``initial_learning_rate / (1 + decay_rate * step / decay_steps)``.
 
     With ``staircase`` ``step / decay_steps`` is floored.
     """
 
-    def __init__(self, initial_learning_rate: float, decay_steps: int, decay_rate: float,
-                 staircase: bool = False, name: Optional[str] = None) -> None:
-        if not decay_steps > 0:
-            raise ValueError(f"decay_steps must be > 0, got {decay_steps}")
-        self.initial_learning_rate = initial_learning_rate
-        self.decay_steps = decay_steps
-        self.decay_rate = decay_rate
-        self.staircase = staircase
-        self.name = name
-
-    def __call__(self, step: Union[int, Tensor]) -> Union[float, Tensor]:
-        p = step / self.decay_steps
-        if self.staircase:
-            p = _floor(p)
-        return self.initial_learning_rate / (1 + self.decay_rate * p)
-
-    def get_config(self) -> dict[str, Any]:
-        return {"initial_learning_rate": self.initial_learning_rate, "decay_steps": self.decay_steps,
-                "decay_rate": self.decay_rate, "staircase": self.staircase, "name": self.name}
+    def _scale(self, progress: Union[float, Tensor]) -> Union[float, Tensor]:
+        return self.initial_learning_rate / (1 + self.decay_rate * progress)
 
 
 SCHEDULES: dict[str, type] = {"ExponentialDecay": ExponentialDecay, "InverseTimeDecay": InverseTimeDecay}
