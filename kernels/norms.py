@@ -71,9 +71,13 @@ def _chunk_sumsq(addr, n_ptr, start, aligned, inv_scale, clip_value,
 def _sum_in_order(ptr, n, RBLOCK: tl.constexpr):
     """sum(ptr[0:n]) in a fixed order; `.cg` reads from L2, past any stale L1 line of this SM."""
     acc = tl.zeros([RBLOCK], dtype=tl.float32)
-    for k in range(0, n, RBLOCK):
+    # A while loop, not range(0, n, RBLOCK): Triton 3.6's interpreter cannot take a runtime n (a loaded
+    # value or a kernel argument) as a range bound. Compiled, both are the same loop.
+    k = 0
+    while k < n:
         idx = k + tl.arange(0, RBLOCK)
         acc += tl.load(ptr + idx, mask=idx < n, other=0.0, cache_modifier=".cg")
+        k += RBLOCK
     return tl.sum(acc, axis=0)
 
 
@@ -147,6 +151,8 @@ def sqnorm_kernel(
                 # tf.clip_by_global_norm's own trick: adding (G - G) is +0 for a finite norm and NaN for
                 # an Inf or NaN one, which then turns every gradient into NaN, as Keras does.
                 scale = scale + (g - g)
-                for k in range(0, num_tensors, RBLOCK):
+                k = 0
+                while k < num_tensors:  # (while, not range: see _sum_in_order)
                     idx = k + tl.arange(0, RBLOCK)
                     tl.store(coef + idx, tl.zeros([RBLOCK], dtype=tl.float32) + scale, mask=idx < num_tensors)
+                    k += RBLOCK
