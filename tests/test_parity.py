@@ -273,3 +273,43 @@ def test_differentiable_matches_torch():
         ours_opt.step()
         torch_opt.step()
     torch.testing.assert_close(p[0], q[0], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("path", ["kernel", "cpu_fused", "reference"])
+def test_parameter_dtype_change_keeps_its_state_like_torch(path, monkeypatch):
+    """``p.data = p.data.to(dtype)`` (model.to(dtype)) after steps: the state follows the parameter, as in torch.
+
+    The flat state is keyed by parameter dtype; before this was handled, the kernel read a bf16
+    parameter as float32 (NaN, and writes past the end of its storage).
+    """
+    if path == "cpu_fused":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    fused = {"kernel": None, "cpu_fused": True, "reference": False}[path]
+    shapes = [(1000,), (7, 9), (129,), (64,)]
+    ours = make_params(shapes, torch.float32, seed=3)
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    opt = Adadelta([dict(params=ours[:2]), dict(params=ours[2:], lr=0.5, weight_decay=0.1)], fused=fused)
+    ref = torch.optim.Adadelta([dict(params=theirs[:2]), dict(params=theirs[2:], lr=0.5, weight_decay=0.1)])
+    changes = {2: {0: torch.bfloat16, 2: torch.float16}, 4: {0: torch.float32}}  # step -> {param: new dtype}
+    for step in range(7):
+        for i, dtype in changes.get(step, {}).items():
+            for p in (ours[i], theirs[i]):
+                p.data = p.data.to(dtype)
+        grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + i)).to(p.dtype)
+                 for i, p in enumerate(ours)]
+        set_grads(ours, grads)
+        set_grads(theirs, grads)
+        opt.step()
+        ref.step()
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            assert a.dtype == b.dtype
+            tol = 1e-5 if a.dtype == torch.float32 else 1e-2
+            assert_close_rel(a.float(), b.float(), rtol=tol, atol=tol, what=f"step {step}, param {i}")
+            for name in ("square_avg", "acc_delta"):
+                assert opt.state[a][name].dtype == torch.float32
+                # (torch adds weight decay to a 16-bit gradient in 16 bits; we do it in float32)
+                assert_close_rel(opt.state[a][name], ref.state[b][name].float(), rtol=tol, atol=1e-7,
+                                 what=f"step {step}, param {i} {name}")
+            assert float(opt.state[a]["step"]) == float(ref.state[b]["step"]) == step + 1
+    sd = opt.state_dict()
+    assert [sd["state"][i]["square_avg"].dtype for i in range(4)] == [torch.float32] * 4

@@ -222,6 +222,25 @@ class FlatState:
         self.offsets = offsets
         self.size = size
 
+    def without(self, gone: set[int]) -> FlatState:
+        """A copy holding every parameter but those whose id is in ``gone``, with their values.
+
+        Offsets of the kept parameters change (the buffers are compacted), so views and launch plans
+        of the old flat state are stale afterwards.
+        """
+        kept = [p for p in self.params if id(p) not in gone]
+        new = FlatState(self.key)
+        new.add(kept)
+        pairs = [(name, getattr(self, name), getattr(new, name)) for name in ("square_avg", "acc_delta", "master")]
+        for j, p in enumerate(kept):
+            i = self.index[id(p)]
+            n = real_view(local(p)).numel()
+            for _, src, dst in pairs:
+                if src is not None:
+                    dst[new.offsets[j]: new.offsets[j] + n].copy_(src[self.offsets[i]: self.offsets[i] + n])
+            new.steps[j] = self.steps[i]
+        return new
+
     def _segment(self, buf: Tensor, i: int, like: Tensor) -> Tensor:
         n = real_view(like).numel()
         seg = buf[self.offsets[i]: self.offsets[i] + n]

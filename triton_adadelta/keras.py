@@ -619,8 +619,7 @@ class KerasOptimizerMixin:
             raise
         added = self.param_groups.pop()
         first["params"].extend(added["params"])
-        self._plans.clear()  # type: ignore[attr-defined]
-        self._hyper.clear()  # type: ignore[attr-defined]
+        self._forget_plans()  # type: ignore[attr-defined]
         device = local(new_vars[0]).device
         if not had_params and self._iterations.device != device:
             # Keras creates iterations with the first variables: move it (value and all) to their device.

@@ -230,8 +230,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         super().add_param_group(param_group)
         if self.param_groups[-1]["capturable"]:
             self._device_lr(self.param_groups[-1])
-        self._plans.clear()
-        self._hyper.clear()
+        self._forget_plans()
 
     @staticmethod
     def _device_lr(group: dict[str, Any]) -> None:
@@ -299,12 +298,61 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
             for p in params:
                 if len(self.state.get(p, {})) == 0:
                     new[self._state_key(group, p)].append(p)
+        self._add_to_flats(new)
+
+    def _add_to_flats(self, new: dict[StateKey, list[Tensor]]) -> None:
         for key, params in new.items():
             flat = self._flats.get(key)
             if flat is None:
                 flat = self._flats[key] = FlatState(key)
             flat.add(params)
             flat.rebind(self.state)
+
+    @torch.no_grad()
+    def _follow_dtype_changes(self, group_params: list[tuple[dict, list[Tensor]]]) -> None:
+        """Move the state of parameters whose dtype changed since it was made to their new flat state.
+
+        ``p.data = p.data.to(dtype)`` (what ``model.to(dtype)`` does) keeps the parameter object and its
+        state; torch then goes on updating it with that state. Here the flat state is keyed by the
+        parameter dtype, and the kernel reads the parameter as its key's dtype, so the state moves:
+        values cast to the new state dtype, step counts kept, master weights kept where both keys have
+        float32 ones (a new master starts from the parameter). The other flat states are compacted.
+        """
+        moves = [
+            (group, p) for group, params in group_params for p in params
+            if self.state.get(p) and (flat := self._flat_of(p)) is not None
+            and flat.key.param_dtype != _real_dtype(local(p))
+        ]
+        if not moves:
+            return
+        names = ("step", "square_avg", "acc_delta", "master")
+        saved = {id(p): {k: local(v).clone() for k, v in self.state[p].items() if k in names} for _, p in moves}
+        gone: dict[StateKey, set[int]] = defaultdict(set)
+        for _, p in moves:
+            gone[self._flat_of(p).key].add(id(p))
+            for k in names:
+                self.state[p].pop(k, None)
+        for key, ids in gone.items():
+            rest = self._flats.pop(key).without(ids)
+            if rest.params:
+                self._flats[key] = rest
+                rest.rebind(self.state)
+        new: dict[StateKey, list[Tensor]] = defaultdict(list)
+        for group, p in moves:
+            new[self._state_key(group, local(p))].append(p)
+        self._add_to_flats(new)
+        for _, p in moves:
+            st, old = self.state[p], saved[id(p)]
+            for k in ("step", "square_avg", "acc_delta"):
+                local(st[k]).copy_(old[k])
+            if "master" in st and "master" in old and st["master"].dtype == old["master"].dtype == torch.float32:
+                local(st["master"]).copy_(old["master"])
+        self._forget_plans()
+
+    def _forget_plans(self) -> None:
+        """Drop every cached launch plan and table: the flat states or the groups changed."""
+        self._plans.clear()
+        self._hyper.clear()
 
     # ----------------------------------------------------------------------------- state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -337,8 +385,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         self.state = defaultdict(dict)
         self._master_from_param = []
         self._flats = {}
-        self._plans.clear()
-        self._hyper.clear()
+        self._forget_plans()
         self.param_groups = new_groups
         try:
             with torch.no_grad():
@@ -372,8 +419,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
                         dev, torch.int64, copy=True).reshape(())
         except BaseException:
             self.state, self._flats, self.param_groups, self._skipped_steps = previous
-            self._plans.clear()
-            self._hyper.clear()
+            self._forget_plans()
             raise
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
@@ -526,9 +572,9 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         for group in self.param_groups:
             if group["capturable"]:
                 self._device_lr(group)
-        self._ensure_state(
-            [(group, [p for _, gg, p, _ in entries if gg is group]) for group in self.param_groups]
-        )
+        group_params = [(group, [p for _, gg, p, _ in entries if gg is group]) for group in self.param_groups]
+        self._follow_dtype_changes(group_params)
+        self._ensure_state(group_params)
         self._refresh_masters()
         coefs = self._grad_transforms(entries, grad_scale)
 
