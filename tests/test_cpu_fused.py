@@ -168,7 +168,7 @@ def test_grad_scale_clip_coefficients_and_clip_value(calls, monkeypatch):
     for clip_value in (None, 0.5 * 1024.0 / 1024.0):
         coefs = GradientTransform(clip_value, {cpu: torch.tensor([0.25, 3.0])}, [(cpu, 0), (cpu, 1)])
         for opt in (fast, ref):
-            monkeypatch.setattr(opt, "_grad_transforms", lambda entries, grad_scale, c=coefs: c)
+            monkeypatch.setattr(opt, "_grad_transforms", lambda entries, grad_scale, keys=None, c=coefs: c)
         scale = torch.tensor(1024.0)
         grads = [g * 1024.0 for g in random_grads(params, seed=9)]
         grads[1][5] = float("nan")

@@ -275,12 +275,14 @@ class FlatState:
 class LaunchPlan:
     """Tables for one launch over ``params`` (all from ``flat``), cached between steps."""
 
-    def __init__(self, flat: FlatState, params: list[Tensor], groups: list[int], block: int) -> None:
+    def __init__(self, flat: FlatState, params: list[Tensor], groups: list[int], block: int, vec: int) -> None:
         device = flat.key.device
         self.flat = flat
         self.block = block
+        self.vec = vec  # elements in 128 bits for this bucket's narrower dtype (parameter or gradient)
         self.num_tensors = len(params)
         numels = [real_view(local(p)).numel() for p in params]
+        self._numel_fits = [n % vec == 0 for n in numels]
         slots = [flat.index[id(p)] for p in params]
         meta = torch.tensor(
             [[flat.offsets[s], n, s, g] for s, n, g in zip(slots, numels, groups)], dtype=torch.int64
@@ -300,8 +302,8 @@ class LaunchPlan:
         self._pointers: Optional[list[int]] = None
         self.pointer_table: Optional[Tensor] = None
 
-    def refresh_pointers(self, params: list[Tensor], grads: list[Tensor], vec: int) -> Tensor:
-        """The pointer table for this step, uploaded only when an address changed.
+    def refresh_pointers(self, params: list[Tensor], grads: list[Tensor]) -> Tensor:
+        """The pointer table for this step (real views of local tensors), uploaded only when an address changed.
 
         A tensor is marked aligned only when both addresses are 16-byte aligned and its numel is a
         multiple of ``vec``: only then may the kernel promise 128-bit accesses.
@@ -311,10 +313,7 @@ class LaunchPlan:
         ptrs = pp + gp
         if ptrs != self._pointers:
             refuse_during_capture(self.flat.key.device, "a parameter or gradient tensor moved")
-            aligned = [
-                int(a % 16 == 0 and b % 16 == 0 and real_view(p).numel() % vec == 0)
-                for a, b, p in zip(pp, gp, params)
-            ]
+            aligned = [int(not (a | b) & 15 and fits) for a, b, fits in zip(pp, gp, self._numel_fits)]
             self.pointer_table = upload(torch.tensor(ptrs + aligned, dtype=torch.int64), self.flat.key.device)
             self._pointers = ptrs
         return self.pointer_table

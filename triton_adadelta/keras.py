@@ -32,7 +32,6 @@ from torch import Tensor
 
 from . import clipping
 from .buckets import local, shard_norm_hook
-from .reference import real_view
 
 __all__ = [
     "KerasOptimizerMixin",
@@ -536,8 +535,13 @@ class KerasOptimizerMixin:
             lr = lr / (1 + decay * step)
         return lr
 
-    def _keras_grad_transforms(self, entries: list[tuple], grad_scale: Optional[Tensor]) -> Any:
-        """Note new slots, then the step's clipping as a :class:`clipping.GradientTransform` (None: none)."""
+    def _keras_grad_transforms(
+        self, entries: list[tuple], grad_scale: Optional[Tensor], keys: Optional[list] = None
+    ) -> Any:
+        """Note new slots, then the step's clipping as a :class:`clipping.GradientTransform` (None: none).
+
+        ``keys``: each entry's kernel bucket or None (the optimizer's ``_route_keys``), computed when not given.
+        """
         self._log_new_slots([e[2] for e in entries])
         for gi, group in enumerate(self.param_groups):
             decay = group.get("decay", 0.0)
@@ -545,21 +549,10 @@ class KerasOptimizerMixin:
                 raise ValueError(f"Expected decay >= 0, received: {decay} (param group {gi})")
         if self._clipvalue is None and self._clipnorm is None and self._global_clipnorm is None:
             return None
-        from .optimizer import _has_16bit_write  # the bucket rule of _step_kernel (a late import: no cycle)
-
-        differentiable = any(g["differentiable"] for g in self.param_groups)
-        fused, keys = [], []
-        for _, group, p, g in entries:
-            pl, gl = local(p), local(g)
-            use = not differentiable and self._use_kernel(group, pl, gl)  # type: ignore[attr-defined]
-            fused.append(use)
-            if use:
-                key = self._flat_of(p).key  # type: ignore[attr-defined]
-                keys.append((key, real_view(gl).dtype, bool(group["stochastic_rounding"]) and _has_16bit_write(key)))
-            else:
-                keys.append(None)
+        if keys is None:
+            keys = self._route_keys(entries)  # type: ignore[attr-defined]
         return clipping.build_transform(
-            [local(e[3]) for e in entries], fused, keys,
+            [local(e[3]) for e in entries], [k is not None for k in keys], keys,
             clip_value=self._clipvalue, clipnorm=self._clipnorm, global_clipnorm=self._global_clipnorm,
             grad_scale=grad_scale, squared_norm_hook=self._squared_norm_hook, cache=self._norm_cache,
             # FSDP2 / DTensor gradients: complete each tensor's squared norm across the mesh first.

@@ -6,7 +6,7 @@ import random
 from collections import defaultdict
 from collections.abc import Mapping
 from copy import deepcopy
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -96,6 +96,44 @@ def _copy_state(dst: Tensor, src: Tensor, name: str) -> None:
         dst.copy_(src)
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+_STRIDED = torch.strided
+
+
+def _signature(param_groups: list[dict[str, Any]]) -> tuple[list[Tensor], Optional[list]]:
+    """The step's gradients, and per parameter what the checks and the routing of a step read of it.
+
+    An entry is ``id(p)`` for a parameter without a gradient, else the tuple of its and its gradient's
+    type, dtype, shape, device and contiguity. The signature is None when a gradient is not strided
+    (sparse): the full checks then name the problem.
+    """
+    grads: list[Tensor] = []
+    sig: list = []
+    for group in param_groups:
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                sig.append(id(p))
+                continue
+            if g.layout is not _STRIDED:
+                return grads, None
+            grads.append(g)
+            sig.append((id(p), type(p), p.dtype, p.shape, p.device, p.is_contiguous(),
+                        type(g), g.dtype, g.shape, g.device, g.is_contiguous()))
+    return grads, sig
+
+
+class _Route(NamedTuple):
+    """Where the tensors of a step go, reused by the next step while its signature and context hold."""
+
+    context: tuple
+    signature: Optional[list]  # None: rebuild every step (DTensor parameters or gradients)
+    entries: list[tuple[int, dict, Tensor]]  # (group index, group, parameter) of each parameter with a gradient
+    keys: list[Optional[tuple]]  # per entry: its kernel bucket (flat state key, gradient dtype, stochastic), or None
+    buckets: list[tuple[tuple, list[int], LaunchPlan, bool]]  # (bucket, entry indices, plan, plain tensors)
+    reference: list[int]  # entries on the PyTorch path
+
+
 class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
     r"""Adadelta with flat state and a fused multi-tensor Triton update.
 
@@ -183,6 +221,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         self._flats: dict[StateKey, FlatState] = {}
         self._plans: dict[tuple, LaunchPlan] = {}
         self._hyper: dict[torch.device, tuple[list, Tensor]] = {}
+        self._route: Optional[_Route] = None
         self._skipped_steps: Optional[Tensor] = None  # device counter, created by the first checked step
         self._master_from_param: list[Tensor] = []  # master weights to re-read from their parameter (loading)
         super().__init__(self._keras_params(params), defaults)
@@ -267,6 +306,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         self.__dict__.setdefault("_skipped_steps", None)
         self._plans = {}
         self._hyper = {}
+        self._route = None
         for group in self.param_groups:
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
@@ -301,6 +341,8 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         self._add_to_flats(new)
 
     def _add_to_flats(self, new: dict[StateKey, list[Tensor]]) -> None:
+        if new:
+            self._route = None
         for key, params in new.items():
             flat = self._flats.get(key)
             if flat is None:
@@ -350,9 +392,10 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         self._forget_plans()
 
     def _forget_plans(self) -> None:
-        """Drop every cached launch plan and table: the flat states or the groups changed."""
+        """Drop every cached launch plan, table and route: the flat states or the groups changed."""
         self._plans.clear()
         self._hyper.clear()
+        self._route = None
 
     # ----------------------------------------------------------------------------- state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -515,19 +558,82 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         return on(grad_scale, 1.0), on(found_inf, 0.0)
 
     def _grad_transforms(
-        self, entries: list[tuple[int, dict, Tensor, Tensor]], grad_scale: Optional[Tensor]
+        self, entries: list[tuple[int, dict, Tensor, Tensor]], grad_scale: Optional[Tensor],
+        keys: Optional[list[Optional[tuple]]] = None,
     ) -> Optional[clipping.GradientTransform]:
         """The step's gradient transform (Keras clipping), or None for none at all.
 
         Entry ``i`` is updated with ``clamp(g, -coefs.clip_value, coefs.clip_value) * coefs[i]``;
         ``coefs.table(indices, device)`` is a launch's float32 multiplier table. ``p.grad`` is not changed.
+        ``keys``: the entries' kernel buckets (:meth:`_route_keys`), computed here when not given.
         """
-        return self._keras_grad_transforms(entries, grad_scale)
+        return self._keras_grad_transforms(entries, grad_scale, keys)
 
     def _after_step(self, found_inf: Optional[Tensor]) -> None:
         """Called once after every step() that updated something: Keras' iterations += 1 (not when
         ``found_inf`` is set), on the device."""
         self._keras_after_step(found_inf)
+
+    def _route_context(self) -> tuple:
+        """What a route depends on beyond the signature: the state dict, triton, each group's options."""
+        return (id(self.state), len(self.state), _triton.HAS_TRITON, _triton.interpreting(),
+                tuple((id(g), g["fused"], g["differentiable"], g["state_dtype"], g["stochastic_rounding"],
+                       g["master_weights"]) for g in self.param_groups))
+
+    def _build_route(self, signature: Optional[list]) -> _Route:
+        """Route the parameters that have a gradient: follow dtype changes, create missing state, choose
+        each one's path and kernel bucket, and find (or build) each bucket's launch plan."""
+        triples = [(gi, group, p) for gi, group in enumerate(self.param_groups) for p in group["params"]
+                   if p.grad is not None]
+        group_params = [(group, [p for _, gg, p in triples if gg is group]) for group in self.param_groups]
+        self._follow_dtype_changes(group_params)
+        self._ensure_state(group_params)
+        keys = self._route_keys([(gi, group, p, p.grad) for gi, group, p in triples])
+        by_bucket: dict[tuple, list[int]] = defaultdict(list)
+        reference = []
+        for i, key in enumerate(keys):
+            if key is None:
+                reference.append(i)
+            else:
+                by_bucket[key].append(i)
+        buckets = []
+        for bucket, idx in by_bucket.items():
+            key, gdtype, _ = bucket
+            params = [triples[i][2] for i in idx]
+            groups = [triples[i][0] for i in idx]
+            plan_key = (bucket, tuple(id(p) for p in params), tuple(groups))
+            plan = self._plans.get(plan_key)
+            if plan is None:
+                vec = 16 // min(key.param_dtype.itemsize, gdtype.itemsize)  # elements in 128 bits
+                plan = self._plans[plan_key] = LaunchPlan(self._flats[key], params, groups, _BLOCK, vec)
+            plain = all(type(p) in _PLAIN and type(p.grad) in _PLAIN and not p.is_complex() for p in params)
+            buckets.append((bucket, idx, plan, plain))
+        cacheable = all(type(p) in _PLAIN and type(p.grad) in _PLAIN for _, _, p in triples)
+        return _Route(self._route_context(), signature if cacheable else None, triples, keys, buckets, reference)
+
+    def _route_keys(self, entries: list[tuple[int, dict, Tensor, Tensor]]) -> list[Optional[tuple]]:
+        """Per entry, its kernel bucket ``(flat state key, gradient dtype, stochastic)``, or None for the
+        PyTorch path (the parameters must have state).
+
+        Groups share a bucket; only the stochastic-rounding switch (a compile-time branch) splits one,
+        and it is off where the bucket has no 16-bit write to round (no random numbers drawn).
+        """
+        if any(group["differentiable"] for group in self.param_groups):
+            return [None] * len(entries)
+        keys: list[Optional[tuple]] = []
+        device_ok: dict[torch.device, bool] = {}  # asked once per device, not per tensor
+        for _, group, p, g in entries:
+            # DTensor parameters (FSDP2) are judged and updated by their local shard.
+            pl, gl = local(p), local(g)
+            ok = device_ok.get(pl.device)
+            if ok is None:
+                ok = device_ok[pl.device] = _triton.kernel_device_ok(pl.device)
+            if ok and self._use_kernel(group, pl, gl, device_ok=True):
+                key = self._flat_of(p).key
+                keys.append((key, _real_dtype(gl), bool(group["stochastic_rounding"]) and _has_16bit_write(key)))
+            else:
+                keys.append(None)
+        return keys
 
     # torch.compile: the step is a clean graph break. Dynamo would otherwise trace into the host-side
     # bookkeeping (dicts keyed by id(), pointer tables, the Triton launch) and guard on it; run eagerly,
@@ -558,44 +664,35 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
 
-        # Everything is checked before anything is written (metadata only: no synchronisation).
-        validation.check_step(self.param_groups, self.state, grad_scale, found_inf)
-        entries: list[tuple[int, dict, Tensor, Tensor]] = []
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                if p.grad is not None:
-                    entries.append((gi, group, p, p.grad))
-        if not entries:
+        # Everything is checked before anything is written (metadata only: no synchronisation). The
+        # per-tensor checks, new state and the routing run again only when the step's signature changes
+        # (about 1 µs a tensor to read; gradients are new tensors each step, their metadata usually not).
+        validation.check_step_groups(self.param_groups, grad_scale, found_inf)
+        grads, signature = _signature(self.param_groups)
+        route = self._route
+        if (route is None or route.signature is None or route.signature != signature
+                or route.context != self._route_context()):
+            validation.check_step_tensors(self.param_groups, self.state)
+            route = self._route = self._build_route(signature)
+        if not route.entries:
             return loss
+        entries = [(gi, group, p, g) for (gi, group, p), g in zip(route.entries, grads)]
         if any(group.get("skip_nonfinite", False) for group in self.param_groups):
-            found_inf = self._nonfinite_found_inf([e[3] for e in entries], found_inf)
+            found_inf = self._nonfinite_found_inf(grads, found_inf)
         for group in self.param_groups:
             if group["capturable"]:
                 self._device_lr(group)
-        group_params = [(group, [p for _, gg, p, _ in entries if gg is group]) for group in self.param_groups]
-        self._follow_dtype_changes(group_params)
-        self._ensure_state(group_params)
         self._refresh_masters()
-        coefs = self._grad_transforms(entries, grad_scale)
+        coefs = self._grad_transforms(entries, grad_scale, route.keys)
 
         if any(group["differentiable"] for group in self.param_groups):
             with torch.enable_grad():
                 self._step_torch(entries, coefs, grad_scale, found_inf)
         else:
-            kernel_entries, torch_entries = [], []
-            device_ok: dict[torch.device, bool] = {}  # asked once per device, not per tensor
-            for i, e in enumerate(entries):
-                # DTensor parameters (FSDP2) are judged and updated by their local shard.
-                p = local(e[2])
-                ok = device_ok.get(p.device)
-                if ok is None:
-                    ok = device_ok[p.device] = _triton.kernel_device_ok(p.device)
-                use = ok and self._use_kernel(e[1], p, local(e[3]), device_ok=True)
-                (kernel_entries if use else torch_entries).append((i, e))
-            if kernel_entries:
-                self._step_kernel(kernel_entries, coefs, grad_scale, found_inf)
-            if torch_entries:
-                self._step_reference(torch_entries, coefs, grad_scale, found_inf)
+            if route.buckets:
+                self._step_kernel(route, entries, coefs, grad_scale, found_inf)
+            if route.reference:
+                self._step_reference([(i, entries[i]) for i in route.reference], coefs, grad_scale, found_inf)
         self._after_step(found_inf)
         return loss
 
@@ -721,30 +818,23 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
             else:
                 st["step"].add_(1)
 
-    def _step_kernel(self, indexed_entries, coefs, grad_scale, found_inf) -> None:
-        """The fused path: one launch per (flat state, gradient dtype)."""
-        buckets: dict[tuple, list] = defaultdict(list)
-        for i, (gi, group, p, g) in indexed_entries:
-            flat = self._flat_of(p)
-            # Groups share a launch; only the stochastic-rounding switch (a compile-time branch) splits one,
-            # and it is off where the bucket has no 16-bit write to round (no random numbers drawn).
-            stochastic = bool(group["stochastic_rounding"]) and _has_16bit_write(flat.key)
-            buckets[(flat.key, _real_dtype(g), stochastic)].append((i, gi, group, p, g))
+    def _step_kernel(self, route: _Route, entries, coefs, grad_scale, found_inf) -> None:
+        """The fused path: one launch per bucket of the route (flat state, gradient dtype, stochastic)."""
         kernel = _triton.adadelta_kernel()
-        for (key, gdtype, stochastic), items in buckets.items():
-            flat = self._flats[key]
-            params = [it[3] for it in items]
-            grads = [real_view(local(it[4])) for it in items]
-            plan_key = (key, gdtype, stochastic, tuple(id(p) for p in params), tuple(it[1] for it in items))
-            plan = self._plans.get(plan_key)
-            if plan is None:
-                plan = self._plans[plan_key] = LaunchPlan(flat, params, [it[1] for it in items], _BLOCK)
-            vec = 16 // min(key.param_dtype.itemsize, gdtype.itemsize)
-            pointers = plan.refresh_pointers([real_view(local(p)) for p in params], grads, vec)
+        for (key, gdtype, stochastic), idx, plan, plain in route.buckets:
+            flat = plan.flat
+            if plain:
+                params = [entries[i][2] for i in idx]
+                grads = [entries[i][3] for i in idx]
+            else:
+                params = [real_view(local(entries[i][2])) for i in idx]
+                grads = [real_view(local(entries[i][3])) for i in idx]
+            pointers = plan.refresh_pointers(params, grads)
+            vec = plan.vec
             hyper = self._hyper_table(key.device)
             has_clip = coefs is not None
             # A slice of the step's multiplier vector when this launch's entries are adjacent in it.
-            clip = clipping.clip_table(coefs, [it[0] for it in items], key.device) if has_clip else hyper
+            clip = clipping.clip_table(coefs, idx, key.device) if has_clip else hyper
             has_scaler = grad_scale is not None or found_inf is not None
             if has_scaler:
                 scale, inf = self._scaler_tensors(key.device, grad_scale, found_inf)

@@ -29,6 +29,8 @@ __all__ = [
     "check_options",
     "check_param_group",
     "check_step",
+    "check_step_groups",
+    "check_step_tensors",
     "check_state_dict",
     "nonfinite_flag",
 ]
@@ -229,17 +231,30 @@ def check_step(
     dtype (or float32 for a bfloat16/float16 parameter); existing state of the parameter's shape and
     device; ``grad_scale`` / ``found_inf`` None or one-element floating tensors.
     """
+    check_step_groups(param_groups, grad_scale, found_inf)
+    check_step_tensors(param_groups, state)
+
+
+def check_step_groups(
+    param_groups: list[dict[str, Any]], grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None
+) -> None:
+    """The part of :func:`check_step` that does not look at parameters: options, hyperparameters, flags."""
     _check_flag("grad_scale", grad_scale)
     _check_flag("found_inf", found_inf)
-    # This runs every step: a lean pass that only detects trouble (about a microsecond a tensor),
-    # and the slow pass below, which builds the message, only when something is wrong.
-    seen: set[int] = set()
-    n = 0
-    strided, fp32, low, ok_dtypes = torch.strided, torch.float32, _LOW_PRECISION, PARAM_DTYPES
     for group in param_groups:
         check_hyperparameters(read_tensors=False, lr=group["lr"], rho=group["rho"], eps=group["eps"],
                               weight_decay=group["weight_decay"])
         check_options(group)
+
+
+def check_step_tensors(param_groups: list[dict[str, Any]], state: Mapping[Tensor, dict[str, Any]]) -> None:
+    """The part of :func:`check_step` that looks at parameters, gradients and state (metadata only)."""
+    # A lean pass that only detects trouble (about a microsecond a tensor), and the slow pass, which
+    # builds the message, only when something is wrong.
+    seen: set[int] = set()
+    n = 0
+    strided, fp32, low, ok_dtypes = torch.strided, torch.float32, _LOW_PRECISION, PARAM_DTYPES
+    for group in param_groups:
         for p in group["params"]:
             seen.add(id(p))
             n += 1

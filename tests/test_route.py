@@ -1,0 +1,159 @@
+"""The cached route of step(): what changes between two steps is noticed, and the result stays torch's.
+
+step() checks and routes the tensors (kernel bucket or PyTorch path, missing state) only when the
+step's signature changes: per parameter, whether it has a gradient, and the type, dtype, shape,
+device and contiguity of both; plus the groups' options and the state dict. Each test here takes
+warm-up steps (so a route is cached), changes one thing, and steps on, against torch.optim.Adadelta
+and counting kernel launches.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import KERNEL_DEVICE, needs_kernel
+from helpers import assert_close_rel, make_params
+from test_kernel import _count_launches
+
+from triton_adadelta import Adadelta
+
+pytestmark = needs_kernel
+
+SHAPES = [(33,), (7, 5), (129,), (8,), (1,)]
+
+
+def _setup():
+    ours = make_params(SHAPES, torch.float32, KERNEL_DEVICE, seed=21)
+    theirs = [p.detach().cpu().clone().requires_grad_() for p in ours]
+    groups = lambda ps: [dict(params=ps[:3]), dict(params=ps[3:], lr=0.5, weight_decay=0.1)]  # noqa: E731
+    return ours, theirs, Adadelta(groups(ours)), torch.optim.Adadelta(groups(theirs), foreach=False)
+
+
+def _grads(params, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=gen).to(p.dtype) for p in params]
+
+
+def _step(opt, ref, ours, theirs, seed, counter, skip=()):
+    for i, (p, q, g) in enumerate(zip(ours, theirs, _grads(theirs, seed))):
+        if i in skip:
+            p.grad = q.grad = None
+        else:
+            p.grad, q.grad = g.to(p.device), g.clone()
+    before = counter["n"]
+    opt.step()
+    ref.step()
+    return counter["n"] - before
+
+
+def _assert_matches(opt, ref, ours, theirs, what):
+    for i, (p, q) in enumerate(zip(ours, theirs)):
+        assert p.dtype == q.dtype
+        tol = 1e-5 if p.dtype == torch.float32 else 1e-2
+        assert_close_rel(p.detach().cpu().float(), q.detach().float(), rtol=tol, atol=tol, what=f"{what}: param {i}")
+        if q in ref.state:
+            assert float(opt.state[p]["step"]) == float(ref.state[q]["step"]), f"{what}: step of param {i}"
+            assert_close_rel(opt.state[p]["square_avg"].cpu(), ref.state[q]["square_avg"].float(), rtol=tol,
+                             atol=1e-7, what=f"{what}: square_avg of param {i}")
+
+
+def _warm(monkeypatch):
+    counter = _count_launches(monkeypatch)
+    ours, theirs, opt, ref = _setup()
+    for s in range(2):
+        assert _step(opt, ref, ours, theirs, s, counter) == 1
+    assert opt._route is not None and opt._route.signature is not None, "a route is cached"
+    return counter, ours, theirs, opt, ref
+
+
+def test_a_gradient_set_to_none_skips_that_parameter(monkeypatch):
+    counter, ours, theirs, opt, ref = _warm(monkeypatch)
+    frozen = ours[1].detach().clone()
+    assert _step(opt, ref, ours, theirs, 5, counter, skip={1}) == 1
+    assert torch.equal(ours[1].detach(), frozen)
+    assert _step(opt, ref, ours, theirs, 6, counter) == 1  # and back
+    _assert_matches(opt, ref, ours, theirs, "grad None")
+
+
+def test_a_non_contiguous_gradient_takes_the_pytorch_path(monkeypatch):
+    counter, ours, theirs, opt, ref = _warm(monkeypatch)
+    for s in (5, 6):
+        grads = _grads(theirs, s)
+        for i, (p, q, g) in enumerate(zip(ours, theirs, grads)):
+            q.grad = g.clone()
+            p.grad = g.to(p.device) if i != 1 else torch.stack([g, g], -1)[..., 0].to(p.device)
+        assert not ours[1].grad.is_contiguous()
+        before = counter["n"]
+        opt.step()
+        ref.step()
+        assert counter["n"] - before == 1
+    _assert_matches(opt, ref, ours, theirs, "non-contiguous gradient")
+
+
+def test_a_parameter_changing_dtype_gets_its_own_launch(monkeypatch):
+    counter, ours, theirs, opt, ref = _warm(monkeypatch)
+    for p in (ours[2], theirs[2]):
+        p.data = p.data.to(torch.bfloat16)
+    assert _step(opt, ref, ours, theirs, 5, counter) == 2, "an fp32 and a bf16 launch"
+    assert _step(opt, ref, ours, theirs, 6, counter) == 2
+    _assert_matches(opt, ref, ours, theirs, "dtype change")
+
+
+def test_a_group_switched_to_fused_false_leaves_the_kernel(monkeypatch):
+    counter, ours, theirs, opt, ref = _warm(monkeypatch)
+    opt.param_groups[1]["fused"] = False
+    assert _step(opt, ref, ours, theirs, 5, counter) == 1  # group 0 only
+    opt.param_groups[0]["fused"] = False
+    assert _step(opt, ref, ours, theirs, 6, counter) == 0
+    _assert_matches(opt, ref, ours, theirs, "fused=False")
+
+
+def test_a_new_param_group_joins_the_launch(monkeypatch):
+    counter, ours, theirs, opt, ref = _warm(monkeypatch)
+    extra = make_params([(17,), (3, 3)], torch.float32, KERNEL_DEVICE, seed=22)
+    extra_ref = [p.detach().cpu().clone().requires_grad_() for p in extra]
+    opt.add_param_group(dict(params=extra, lr=0.25))
+    ref.add_param_group(dict(params=extra_ref, lr=0.25))
+    ours, theirs = ours + extra, theirs + extra_ref
+    assert _step(opt, ref, ours, theirs, 5, counter) == 1
+    assert _step(opt, ref, ours, theirs, 6, counter) == 1
+    _assert_matches(opt, ref, ours, theirs, "new group")
+
+
+def test_a_resized_parameter_after_cached_steps_raises_and_changes_nothing(monkeypatch):
+    counter, ours, theirs, opt, ref = _warm(monkeypatch)
+    kept = ours[3].data
+    ours[3].data = torch.randn(9, device=KERNEL_DEVICE)  # the state has 8 elements
+    ours[3].grad = torch.randn(9, device=KERNEL_DEVICE)
+    before = [p.detach().clone() for p in ours]
+    state = {k: v.clone() for k, v in opt.state[ours[0]].items()}
+    with pytest.raises(RuntimeError, match="state of parameter 0 of group 1 has shape"):
+        opt.step()
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, ours))
+    assert all(torch.equal(v, opt.state[ours[0]][k]) for k, v in state.items())
+    ours[3].grad = None
+    ours[3].data = kept
+    assert _step(opt, ref, ours, theirs, 5, counter) == 1  # a good step afterwards
+    _assert_matches(opt, ref, ours, theirs, "after an error")
+
+
+def test_a_loaded_state_dict_is_used_by_the_next_step(monkeypatch):
+    counter, ours, theirs, opt, ref = _warm(monkeypatch)
+    # Load torch's state after one more torch-only step: ours must continue from it, not from its own.
+    for q, g in zip(theirs, _grads(theirs, 9)):
+        q.grad = g
+    ref.step()
+    with torch.no_grad():
+        for p, q in zip(ours, theirs):
+            p.copy_(q.to(p.device))
+    opt.load_state_dict(ref.state_dict())
+    assert _step(opt, ref, ours, theirs, 5, counter) == 1
+    _assert_matches(opt, ref, ours, theirs, "loaded state")
+
+
+@pytest.mark.skipif(KERNEL_DEVICE != "cpu", reason="switches the interpreter off: CPU tensors only")
+def test_switching_the_interpreter_off_moves_cpu_tensors_to_the_fused_cpu_path(monkeypatch):
+    counter, ours, theirs, opt, ref = _warm(monkeypatch)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert _step(opt, ref, ours, theirs, 5, counter) == 0
+    _assert_matches(opt, ref, ours, theirs, "interpreter off")
