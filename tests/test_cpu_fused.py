@@ -50,15 +50,15 @@ def _cpu_path(monkeypatch):
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Records the number of tensors each fused_update_ call received (proof that the path ran)."""
+    """Records the number of tensors each C call received (proof that the path ran)."""
     seen: list[int] = []
-    real = cpu_fused.fused_update_
+    real = cpu_fused._call
 
-    def spy(slots, *args, **kwargs):
-        seen.append(len(slots))
-        return real(slots, *args, **kwargs)
+    def spy(fn, table, *args, **kwargs):
+        seen.append(table.shape[0])
+        return real(fn, table, *args, **kwargs)
 
-    monkeypatch.setattr(cpu_fused, "fused_update_", spy)
+    monkeypatch.setattr(cpu_fused, "_call", spy)
     return seen
 
 

@@ -414,9 +414,9 @@ def test_fused_cpu_path_matches_reference_path(problem, combo, clip_value, grad_
         mp.setenv("TRITON_INTERPRET", "0")  # CPU tensors take the PyTorch path and its fused CPU path
         mp.setattr(cpu_fused, "MIN_NUMEL", 0)
         calls = []
-        update = cpu_fused.fused_update_
-        mp.setattr(cpu_fused, "fused_update_",
-                   lambda slots, *a, **k: (calls.append(len(slots)), update(slots, *a, **k)))
+        call = cpu_fused._call
+        mp.setattr(cpu_fused, "_call",
+                   lambda fn, table, *a, **k: (calls.append(table.shape[0]), call(fn, table, *a, **k)))
         params = _build_params(groups, "cpu")
         fast = Adadelta([dict(params=ps, **hp) for ps, (_, hp) in zip(params, groups)], **options)
         flat = [p for ps in params for p in ps]

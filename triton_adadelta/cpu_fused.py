@@ -54,7 +54,8 @@ from torch import Tensor
 
 from .reference import real_view
 
-__all__ = ["ENABLED", "MIN_NUMEL", "SUPPORTED", "BuildError", "available", "library", "fused_update_", "step_"]
+__all__ = ["ENABLED", "MIN_NUMEL", "SUPPORTED", "BuildError", "CpuPlan", "available", "library", "fused_update_",
+           "settings"]
 
 #: Set TRITON_ADADELTA_CPU_COMPILE=0 to keep every CPU step on the reference path.
 ENABLED: bool = os.environ.get("TRITON_ADADELTA_CPU_COMPILE", "1") not in ("0", "", "false", "False")
@@ -235,7 +236,7 @@ def fused_update_(
         steps: optional float32 0-d CPU step counts, one per slot (or None): each gets + 1.
         threads: threads to split the work over (default ``torch.get_num_threads()``).
         check: verify the arguments first (the C code trusts every address and size it is given);
-            ``step_`` passes False for tensors it has already checked.
+            pass False only for tensors already checked.
 
     Raises :class:`BuildError` when the library cannot be built, ValueError for arguments that
     do not fit (a dtype combination this path does not cover, mismatched sizes, non-contiguous or
@@ -257,11 +258,16 @@ def fused_update_(
          for (p, g, v, u), r, s in zip(slots, rows, steps)],
         dtype=torch.int64,
     )
+    _call(fn, table, hyper, coefs, threads)
+
+
+def _call(fn: Any, table: Tensor, hyper: Tensor, coefs: Optional[Tensor], threads: Optional[int]) -> None:
+    """One C call over the rows of ``table`` (int64 [T, 7]: p, g, square_avg, acc_delta, numel, row, step)."""
     coef_ptr = None
     if coefs is not None:
         coefs = coefs.to(torch.float32).contiguous()
         coef_ptr = coefs.data_ptr()
-    fn(len(slots), table.data_ptr(), hyper.data_ptr(), coef_ptr, threads or torch.get_num_threads())
+    fn(table.shape[0], table.data_ptr(), hyper.data_ptr(), coef_ptr, threads or torch.get_num_threads())
 
 
 def _check_arguments(slots: Sequence[tuple[Tensor, ...]], key: tuple, hyper: Tensor, rows: Sequence[int],
@@ -313,80 +319,88 @@ def _slot(p: Tensor, g: Tensor, st: dict[str, Tensor]) -> Optional[tuple[Tensor,
     return p, g, v, u
 
 
-def step_(
-    opt: Any,
-    indexed_entries: list[tuple[int, tuple[int, dict, Tensor, Tensor]]],
-    coefs: Any,
-    grad_scale: Optional[Tensor],
-    clip_value: Optional[float] = None,
-) -> list[tuple[int, tuple[int, dict, Tensor, Tensor]]]:
-    """Update what this path can of one step of ``opt`` (an Adadelta); return the entries left over.
+def settings() -> tuple:
+    """What a :class:`CpuPlan` was made under: a plan made under other settings is made again."""
+    return (ENABLED, _failed, MIN_NUMEL)
 
-    ``indexed_entries`` are ``(i, (group index, group, param, grad))`` as in ``Adadelta.step``;
-    ``coefs`` is the step's :class:`~triton_adadelta.clipping.GradientTransform` (or a list of 0-d
-    multipliers), or None; ``clip_value`` is Keras' clipvalue. The caller has already handled
-    ``found_inf``. Step counts of updated tensors are incremented here.
+
+class CpuPlan:
+    """This path's share of a step: which entries it updates and their call tables, kept between steps.
+
+    Made from ``(i, (group index, group, param, grad))`` entries; the parameters must have state. A
+    table row is fixed but for the parameter's and the gradient's addresses, which :meth:`run`
+    rewrites every step (gradients are usually new tensors, and ``p.data = ...`` moves a parameter).
+    The owner makes a new plan whenever the flat state, the tensors' metadata or :func:`settings`
+    change (Adadelta's route). The caller has already handled ``found_inf``; step counts of updated
+    tensors are incremented in the C call.
     """
-    global _failed
-    if not available() or not indexed_entries:
-        return indexed_entries
-    scale = 1.0 if grad_scale is None else float(grad_scale)
-    cv = float("inf") if clip_value is None else float(clip_value)
-    # Per-tensor work is kept to checks and views: it runs for every tensor of every step.
-    group_rows: dict[int, Optional[int]] = {}
-    rows: list[tuple[float, ...]] = []
-    chosen, rest = [], []
-    total = 0
-    state = opt.state
-    for item in indexed_entries:
-        _, (gi, group, p, g) = item
-        row = group_rows.get(gi, -1)
-        if row == -1:
-            row = None
-            if _group_ok(group):
-                rho = float(group["rho"])
-                rows.append((float(opt._group_lr(group)), rho, 1.0 - rho, float(group["eps"]),
-                             float(group["weight_decay"]), -1.0 if group["maximize"] else 1.0, scale, cv))
-                row = len(rows) - 1
-            group_rows[gi] = row
-        st = state[p]
-        slot = None if row is None else _slot(p, g, st)
-        if slot is None:
-            rest.append(item)
-        else:
-            chosen.append((item, slot, row, st["step"]))
-            total += slot[0].numel()
-    if total < MIN_NUMEL:
-        return indexed_entries
 
-    try:
-        functions = library().functions
-    except BuildError as exc:
-        _failed = True
-        warnings.warn(f"triton_adadelta: the compiled CPU path is disabled ({exc}); using the PyTorch path",
-                      RuntimeWarning, stacklevel=3)
-        return indexed_entries
+    def __init__(self, opt: Any, indexed_entries: list[tuple[int, tuple[int, dict, Tensor, Tensor]]]) -> None:
+        global _failed
+        self.settings = settings()
+        self.calls: list[tuple[Any, list[int], Tensor, Any]] = []  # (C function, entry indices, table, its numpy view)
+        self.groups: list[dict] = []  # hyperparameter row r is self.groups[r]'s
+        chosen: dict[tuple, list] = defaultdict(list)
+        rest: list[int] = []
+        group_rows: dict[int, Optional[int]] = {}
+        total = 0
+        for i, (gi, group, p, g) in indexed_entries:
+            row = group_rows.get(gi, -1)
+            if row == -1:
+                row = None
+                if _group_ok(group):
+                    self.groups.append(group)
+                    row = len(self.groups) - 1
+                group_rows[gi] = row
+            st = opt.state[p]
+            slot = None if row is None or not _is_step(st.get("step")) else _slot(p, g, st)
+            if slot is None:
+                rest.append(i)
+            else:
+                chosen[(slot[0].dtype, slot[1].dtype, slot[2].dtype)].append((i, slot, row, st["step"]))
+                total += slot[0].numel()
+        self.rest = sorted(rest + [i for items in chosen.values() for i, *_ in items])
+        if not chosen or total < MIN_NUMEL or not available():
+            return
+        try:
+            functions = library().functions
+        except BuildError as exc:
+            _failed = True
+            warnings.warn(f"triton_adadelta: the compiled CPU path is disabled ({exc}); using the PyTorch path",
+                          RuntimeWarning, stacklevel=4)
+            return
+        for key, items in chosen.items():
+            fn = functions.get(key)
+            if fn is None:  # float16 where the compiler has no _Float16
+                continue
+            table = torch.tensor(
+                [[0, 0, v.data_ptr(), u.data_ptr(), p.numel(), r, s.data_ptr()] for _, (p, _, v, u), r, s in items],
+                dtype=torch.int64,
+            )
+            self.calls.append((fn, [it[0] for it in items], table, table.numpy()))
+        taken = {i for _, idx, _, _ in self.calls for i in idx}
+        self.rest = [i for i in self.rest if i not in taken]
 
-    by_key: dict[tuple, list] = defaultdict(list)
-    for chosen_item in chosen:
-        slot = chosen_item[1]
-        key = (slot[0].dtype, slot[1].dtype, slot[2].dtype)
-        if key in functions:
-            by_key[key].append(chosen_item)
-        else:  # float16 where the compiler has no _Float16
-            rest.append(chosen_item[0])
-
-    if by_key:
+    def run(self, opt: Any, entries: Any, coefs: Any, grad_scale: Optional[Tensor],
+            clip_value: Optional[float] = None) -> list[tuple[int, tuple[int, dict, Tensor, Tensor]]]:
+        """Update this plan's entries of the step (``entries[i]`` is entry ``i`` of the step);
+        return the others as ``(i, entry)``. Nothing is updated when the path is not available now."""
+        if not self.calls or not available():
+            return [(i, entries[i]) for i in sorted(set(self.rest) | {i for _, idx, _, _ in self.calls for i in idx})]
         from .clipping import clip_table
 
+        scale = 1.0 if grad_scale is None else float(grad_scale)
+        cv = float("inf") if clip_value is None else float(clip_value)
+        rows = []
+        for group in self.groups:
+            rho = float(group["rho"])
+            rows.append((float(opt._group_lr(group)), rho, 1.0 - rho, float(group["eps"]),
+                         float(group["weight_decay"]), -1.0 if group["maximize"] else 1.0, scale, cv))
         hyper = torch.tensor(rows, dtype=torch.float32)
         cpu = torch.device("cpu")
-        for items in by_key.values():
-            table_coefs = None if coefs is None else clip_table(coefs, [it[0][0] for it in items], cpu)
-            steps = [it[3] if _is_step(it[3]) else None for it in items]
-            fused_update_([it[1] for it in items], hyper, [it[2] for it in items], table_coefs, steps, check=False)
-            others = [it[3] for it, s in zip(items, steps) if s is None]
-            if others:  # step counts that are not float32 CPU scalars (not made by this optimizer)
-                torch._foreach_add_(others, 1)
-    rest.sort(key=lambda item: item[0])
-    return rest
+        for fn, idx, table, view in self.calls:
+            # Complex tensors start where their real views do: the addresses are the same.
+            view[:, 0] = [entries[i][2].data_ptr() for i in idx]
+            view[:, 1] = [entries[i][3].data_ptr() for i in idx]
+            _call(fn, table, hyper, None if coefs is None else clip_table(coefs, idx, cpu), None)
+        return [(i, entries[i]) for i in self.rest]

@@ -132,6 +132,8 @@ class _Route(NamedTuple):
     keys: list[Optional[tuple]]  # per entry: its kernel bucket (flat state key, gradient dtype, stochastic), or None
     buckets: list[tuple[tuple, list[int], LaunchPlan, bool]]  # (bucket, entry indices, plan, plain tensors)
     reference: list[int]  # entries on the PyTorch path
+    reference_groups: list[dict]  # the groups of those entries
+    cpu: dict  # cpu_fused.settings() -> the fused CPU path's plan for the reference entries (made on first use)
 
 
 class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
@@ -609,7 +611,8 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
             plain = all(type(p) in _PLAIN and type(p.grad) in _PLAIN and not p.is_complex() for p in params)
             buckets.append((bucket, idx, plan, plain))
         cacheable = all(type(p) in _PLAIN and type(p.grad) in _PLAIN for _, _, p in triples)
-        return _Route(self._route_context(), signature if cacheable else None, triples, keys, buckets, reference)
+        return _Route(self._route_context(), signature if cacheable else None, triples, keys, buckets, reference,
+                      list({id(triples[i][1]): triples[i][1] for i in reference}.values()), {})
 
     def _route_keys(self, entries: list[tuple[int, dict, Tensor, Tensor]]) -> list[Optional[tuple]]:
         """Per entry, its kernel bucket ``(flat state key, gradient dtype, stochastic)``, or None for the
@@ -692,7 +695,8 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
             if route.buckets:
                 self._step_kernel(route, entries, coefs, grad_scale, found_inf)
             if route.reference:
-                self._step_reference([(i, entries[i]) for i in route.reference], coefs, grad_scale, found_inf)
+                self._step_reference([(i, entries[i]) for i in route.reference], coefs, grad_scale, found_inf,
+                                     route, entries)
         self._after_step(found_inf)
         return loss
 
@@ -768,19 +772,24 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
                      weight_decay=group["weight_decay"], maximize=group["maximize"],
                      foreach=False, differentiable=True, capturable=False)
 
-    def _step_reference(self, indexed_entries, coefs, grad_scale, found_inf) -> None:
-        """The PyTorch path: the reference update, tensor by tensor."""
+    def _step_reference(self, indexed_entries, coefs, grad_scale, found_inf, route: _Route, entries) -> None:
+        """The PyTorch path: the reference update, tensor by tensor, for what the fused CPU path does not
+        take (its plan is kept in ``route``; ``entries`` are all the step's entries)."""
         # A GradScaler step with inf gradients changes nothing. Without capturable that is decided by
         # one host read; capturable=True promises none, so there the skip is a select on the device.
-        on_device = found_inf is not None and any(e[1]["capturable"] for _, e in indexed_entries)
+        capturable = any(group["capturable"] for group in route.reference_groups)
+        on_device = found_inf is not None and capturable
         if found_inf is not None and not on_device and bool(found_inf.reshape(()) != 0):
             return
         clip_value = getattr(coefs, "clip_value", None)
-        capturable = any(e[1]["capturable"] for _, e in indexed_entries)  # that path reads lr on the host
-        if not on_device and not capturable:
-            # Large CPU steps take the compiled fast path (one fused pass over all tensors); it hands
-            # back what it does not take (small steps, other devices and dtypes, stochastic rounding).
-            indexed_entries = cpu_fused.step_(self, indexed_entries, coefs, grad_scale, clip_value)
+        if not capturable:  # (the fused CPU path reads lr on the host)
+            # CPU tensors take the fused CPU path (one pass over all tensors); it hands back what it
+            # does not take (other devices and dtypes, stochastic rounding, master weights).
+            settings = cpu_fused.settings()
+            plan = route.cpu.get(settings)
+            if plan is None:
+                plan = route.cpu[settings] = cpu_fused.CpuPlan(self, indexed_entries)
+            indexed_entries = plan.run(self, entries, coefs, grad_scale, clip_value)
         for i, (_, group, p, g) in indexed_entries:
             st = self.state[p]
             lr = self._group_lr(group)
