@@ -157,3 +157,44 @@ def test_switching_the_interpreter_off_moves_cpu_tensors_to_the_fused_cpu_path(m
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert _step(opt, ref, ours, theirs, 5, counter) == 0
     _assert_matches(opt, ref, ours, theirs, "interpreter off")
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A process group of this process alone (gloo) and its 1-device CPU mesh."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if KERNEL_DEVICE != "cpu":
+        pytest.skip("a CPU mesh: CPU tensors only")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dtensor_parameters_keep_a_cached_route_until_a_placement_changes(monkeypatch, one_rank):
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    counter = _count_launches(monkeypatch)
+    plain = make_params(SHAPES, torch.float32, "cpu", seed=23)
+    theirs = [p.detach().clone().requires_grad_() for p in plain]
+    ours = [torch.nn.Parameter(distribute_tensor(p.detach().clone(), one_rank, [Shard(0)])) for p in plain]
+    opt, ref = Adadelta(ours, lr=0.5), torch.optim.Adadelta(theirs, lr=0.5, foreach=False)
+    routes = []
+    for step in range(5):
+        placement = Shard(0) if step < 3 else Replicate()
+        for p, q, g in zip(ours, theirs, _grads(theirs, step)):
+            q.grad = g.clone()
+            p.grad = distribute_tensor(g.clone(), one_rank, [placement])
+        before = counter["n"]
+        opt.step()
+        ref.step()
+        assert counter["n"] - before == 1
+        routes.append(opt._route)
+    assert routes[1] is routes[2], "same DTensor metadata: the route is reused"
+    assert routes[3] is not routes[2], "another gradient placement: routed afresh"
+    assert routes[4] is routes[3]
+    for i, (p, q) in enumerate(zip(ours, theirs)):
+        assert_close_rel(p.to_local().detach(), q.detach(), rtol=1e-5, atol=1e-5, what=f"param {i}")

@@ -22,12 +22,16 @@ from torch import Tensor
 
 from .reference import real_view
 
+_DTENSOR: Any = None
+
 
 def _dtensor_class() -> Any:
     """DTensor, if torch.distributed.tensor has been imported (importing it costs about a second, and
     no DTensor can exist before it is imported), else None."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return getattr(module, "DTensor", None)
+    global _DTENSOR
+    if _DTENSOR is None:
+        _DTENSOR = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return _DTENSOR
 
 ALIGN = 64  # elements; a segment start is 128-byte aligned for 16-bit state, 256 for float32
 
@@ -59,7 +63,11 @@ def local(t: Tensor) -> Tensor:
     The optimizer updates shards in place: the local tensor of a DTensor parameter is the storage
     FSDP2 all-gathers from, so writing into it is writing the parameter.
     """
-    return t.to_local() if is_dtensor(t) else t
+    if not is_dtensor(t):
+        return t
+    # The shard itself, as to_local() returns it without autograd (it makes a view of it, ~1 µs).
+    shard = getattr(t, "_local_tensor", None)
+    return shard if isinstance(shard, Tensor) else t.to_local()
 
 
 def like_param(seg: Tensor, p: Tensor) -> Tensor:

@@ -104,8 +104,8 @@ def _signature(param_groups: list[dict[str, Any]]) -> tuple[list[Tensor], Option
     """The step's gradients, and per parameter what the checks and the routing of a step read of it.
 
     An entry is ``id(p)`` for a parameter without a gradient, else the tuple of its and its gradient's
-    type, dtype, shape, device and contiguity. The signature is None when a gradient is not strided
-    (sparse): the full checks then name the problem.
+    type, dtype, shape, device and contiguity (and :func:`_subclass_signature` for tensor subclasses).
+    The signature is None when a gradient is not strided (sparse): the full checks then name the problem.
     """
     grads: list[Tensor] = []
     sig: list = []
@@ -118,16 +118,30 @@ def _signature(param_groups: list[dict[str, Any]]) -> tuple[list[Tensor], Option
             if g.layout is not _STRIDED:
                 return grads, None
             grads.append(g)
-            sig.append((id(p), type(p), p.dtype, p.shape, p.device, p.is_contiguous(),
-                        type(g), g.dtype, g.shape, g.device, g.is_contiguous()))
+            entry = (id(p), type(p), p.dtype, p.shape, p.device, p.is_contiguous(),
+                     type(g), g.dtype, g.shape, g.device, g.is_contiguous())
+            if type(p) not in _PLAIN or type(g) not in _PLAIN:
+                entry += _subclass_signature(p) + _subclass_signature(g)
+            sig.append(entry)
     return grads, sig
+
+
+def _subclass_signature(t: Tensor) -> tuple:
+    """A DTensor's placements and its local shard's shape and contiguity (routing reads the shard);
+    for any other tensor subclass an object equal to nothing, so that its steps are routed afresh."""
+    if type(t) in _PLAIN:
+        return ()
+    shard = local(t)
+    if shard is not t:  # a DTensor
+        return (tuple(t.placements), id(t.device_mesh), shard.shape, shard.is_contiguous())
+    return (object(),)
 
 
 class _Route(NamedTuple):
     """Where the tensors of a step go, reused by the next step while its signature and context hold."""
 
     context: tuple
-    signature: Optional[list]  # None: rebuild every step (DTensor parameters or gradients)
+    signature: Optional[list]
     entries: list[tuple[int, dict, Tensor]]  # (group index, group, parameter) of each parameter with a gradient
     keys: list[Optional[tuple]]  # per entry: its kernel bucket (flat state key, gradient dtype, stochastic), or None
     buckets: list[tuple[tuple, list[int], LaunchPlan, bool]]  # (bucket, entry indices, plan, plain tensors)
@@ -610,8 +624,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
                 plan = self._plans[plan_key] = LaunchPlan(self._flats[key], params, groups, _BLOCK, vec)
             plain = all(type(p) in _PLAIN and type(p.grad) in _PLAIN and not p.is_complex() for p in params)
             buckets.append((bucket, idx, plan, plain))
-        cacheable = all(type(p) in _PLAIN and type(p.grad) in _PLAIN for _, _, p in triples)
-        return _Route(self._route_context(), signature if cacheable else None, triples, keys, buckets, reference,
+        return _Route(self._route_context(), signature, triples, keys, buckets, reference,
                       list({id(triples[i][1]): triples[i][1] for i in reference}.values()), {})
 
     def _route_keys(self, entries: list[tuple[int, dict, Tensor, Tensor]]) -> list[Optional[tuple]]:
@@ -673,7 +686,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         validation.check_step_groups(self.param_groups, grad_scale, found_inf)
         grads, signature = _signature(self.param_groups)
         route = self._route
-        if (route is None or route.signature is None or route.signature != signature
+        if (signature is None or route is None or route.signature != signature
                 or route.context != self._route_context()):
             validation.check_step_tensors(self.param_groups, self.state)
             route = self._route = self._build_route(signature)
