@@ -284,3 +284,34 @@ def test_random_changes_between_steps_match_torch(path, seed, monkeypatch):
         opt.step()
         ref.step()
         _assert_matches(opt, ref, ours, theirs, f"seed {seed}, step {step} after '{kind}'", was_16bit)
+
+
+@pytest.mark.parametrize("master_weights", [True, "remainder"])
+@pytest.mark.parametrize("fused", [None, False])
+def test_master_weights_follow_a_dtype_change_and_back(master_weights, fused):
+    """bf16 -> float32 drops the master (a float32 parameter is its own); back to bf16 starts a new one
+    from the parameter. The run stays close to a float32 torch run, and its state_dict loads."""
+    gen = torch.Generator().manual_seed(25)
+    ours = [torch.nn.Parameter(torch.randn(n, generator=gen).bfloat16().to(KERNEL_DEVICE)) for n in (100, 37)]
+    theirs = [torch.nn.Parameter(p.detach().cpu().float()) for p in ours]
+    opt = Adadelta(ours, lr=0.5, master_weights=master_weights, fused=fused)
+    ref = torch.optim.Adadelta(theirs, lr=0.5)
+    for step in range(6):
+        if step == 2:
+            ours[0].data = ours[0].data.float()
+        if step == 4:
+            ours[0].data = ours[0].data.bfloat16()
+        for p, q in zip(ours, theirs):
+            g = torch.randn(p.shape, generator=gen).to(p.dtype)
+            p.grad, q.grad = g.to(p.device), g.float()
+        opt.step()
+        ref.step()
+        assert ("master" in opt.state[ours[0]]) == (ours[0].dtype == torch.bfloat16)
+        for i, (p, q) in enumerate(zip(ours, theirs)):
+            assert_close_rel(p.detach().cpu().float(), q.detach(), rtol=2e-2, atol=2e-2, what=f"step {step}, {i}")
+            assert float(opt.state[p]["step"]) == step + 1
+    again = Adadelta(ours, lr=0.5, master_weights=master_weights, fused=fused)
+    again.load_state_dict(opt.state_dict())
+    for p in ours:
+        for k, v in opt.state[p].items():
+            assert torch.equal(again.state[p][k], v), k
