@@ -228,8 +228,13 @@ def test_dtensor_parameters_keep_a_cached_route_until_a_placement_changes(monkey
 
 def _random_change(rng, opt, ref, ours, theirs, was_16bit):
     """One change of the kind a training script makes between steps, to both optimizers alike."""
-    kind = rng.choice(["none", "grad_none", "noncontiguous", "strided_param", "dtype", "fused", "lr", "group"])
-    if kind == "strided_param":  # same shape and values, column-major storage (then back)
+    kind = rng.choice(["none", "grad_none", "noncontiguous", "strided_param", "dtype", "fused", "lr", "group", "load"])
+    if kind == "load":  # torch's state into ours (the values agree already: this tests the reload itself)
+        fused = [g["fused"] for g in opt.param_groups]
+        opt.load_state_dict(ref.state_dict())
+        for g, f in zip(opt.param_groups, fused):
+            g["fused"] = f  # torch's groups carry fused=None
+    elif kind == "strided_param":  # same shape and values, column-major storage (then back)
         for p in (ours[1], theirs[1]):
             p.data = p.data.t().contiguous().t() if p.is_contiguous() else p.data.contiguous()
     elif kind == "dtype":
