@@ -33,6 +33,28 @@ def test_step_has_no_host_sync(pdtype):
     torch.cuda.synchronize()
 
 
+def test_rerouting_a_step_has_no_host_sync():
+    """A step whose route is rebuilt (a parameter changing dtype, a new group) still never waits for the GPU."""
+    params = make_params([(4097,), (3, 5), (1 << 16,)], torch.float32, "cuda", seed=4)
+    opt = Adadelta(params[:2])
+    set_grads(params[:2], random_grads(params[:2], seed=5))
+    opt.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        params[0].data = params[0].data.to(torch.bfloat16)
+        set_grads(params[:2], random_grads(params[:2], seed=6))
+        opt.step()
+        opt.add_param_group(dict(params=params[2:], lr=0.5))
+        set_grads(params, random_grads(params, seed=7))
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p).all() for p in params)
+    assert [float(opt.state[p]["step"]) for p in params] == [3.0, 3.0, 1.0]
+
+
 def test_large_fp32_matches_torch_on_gpu():
     params = make_params([(1 << 22,), (1023, 1025), (7,)], torch.float32, "cuda", seed=3)
     theirs = [p.clone() for p in params]
