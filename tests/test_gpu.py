@@ -39,14 +39,18 @@ def test_rerouting_a_step_has_no_host_sync():
     opt = Adadelta(params[:2])
     set_grads(params[:2], random_grads(params[:2], seed=5))
     opt.step()
+    grads6 = random_grads(params[:2], seed=6)  # made before the guard: a copy from pageable host memory waits
+    grads6[0] = grads6[0].to(torch.bfloat16)
+    grads7 = random_grads(params, seed=7)
+    grads7[0] = grads7[0].to(torch.bfloat16)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         params[0].data = params[0].data.to(torch.bfloat16)
-        set_grads(params[:2], random_grads(params[:2], seed=6))
+        set_grads(params[:2], grads6)
         opt.step()
         opt.add_param_group(dict(params=params[2:], lr=0.5))
-        set_grads(params, random_grads(params, seed=7))
+        set_grads(params, grads7)
         opt.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
