@@ -163,6 +163,46 @@ def test_a_resized_parameter_after_cached_steps_raises_and_changes_nothing(monke
     _assert_matches(opt, ref, ours, theirs, "after an error")
 
 
+@pytest.mark.parametrize("how", ["assign", "clear", "del"])
+def test_a_reset_state_starts_again_from_zero_like_torch(how, monkeypatch):
+    """``opt.state[p] = {}`` (or clear, or del) between cached steps: p's state starts from zero, as in torch."""
+    counter, ours, theirs, opt, ref = _warm(monkeypatch)
+    sizes = [f.size for f in opt._flats.values()]
+    for o, p in ((opt, ours[1]), (ref, theirs[1])):
+        if how == "assign":
+            o.state[p] = {}
+        elif how == "clear":
+            o.state[p].clear()
+        else:
+            del o.state[p]
+    assert _step(opt, ref, ours, theirs, 5, counter) == 1
+    assert float(opt.state[ours[1]]["step"]) == 1.0
+    assert _step(opt, ref, ours, theirs, 6, counter) == 1
+    _assert_matches(opt, ref, ours, theirs, f"reset ({how})")
+    assert [f.size for f in opt._flats.values()] == sizes, "the old segment was dropped, not kept beside the new one"
+
+
+def test_a_replaced_state_tensor_of_the_wrong_shape_is_an_error_that_changes_nothing(monkeypatch):
+    counter, ours, theirs, opt, ref = _warm(monkeypatch)
+    opt.state[ours[2]]["square_avg"] = torch.zeros(3, device=KERNEL_DEVICE)
+    before = [p.detach().clone() for p in ours]
+    for p, g in zip(ours, _grads(ours, 5)):
+        p.grad = g
+    with pytest.raises(RuntimeError, match="state of parameter 2 of group 0 has shape"):
+        opt.step()
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, ours))
+
+
+def test_the_state_dict_keeps_counting_changes_after_pickling(monkeypatch):
+    import pickle
+
+    counter, ours, theirs, opt, ref = _warm(monkeypatch)
+    opt2 = pickle.loads(pickle.dumps(opt))
+    v = opt2.state.version
+    next(iter(opt2.state.values())).clear()
+    assert opt2.state.version > v
+
+
 def test_a_loaded_state_dict_is_used_by_the_next_step(monkeypatch):
     counter, ours, theirs, opt, ref = _warm(monkeypatch)
     # Load torch's state after one more torch-only step: ours must continue from it, not from its own.
@@ -228,8 +268,13 @@ def test_dtensor_parameters_keep_a_cached_route_until_a_placement_changes(monkey
 
 def _random_change(rng, opt, ref, ours, theirs, was_16bit):
     """One change of the kind a training script makes between steps, to both optimizers alike."""
-    kind = rng.choice(["none", "grad_none", "noncontiguous", "strided_param", "dtype", "fused", "lr", "group", "load"])
-    if kind == "load":  # torch's state into ours (the values agree already: this tests the reload itself)
+    kind = rng.choice(["none", "grad_none", "noncontiguous", "strided_param", "dtype", "fused", "lr", "group", "load",
+                       "reset"])
+    if kind == "reset":
+        i = rng.randrange(len(ours))
+        opt.state[ours[i]] = {}
+        ref.state[theirs[i]] = {}
+    elif kind == "load":  # torch's state into ours (the values agree already: this tests the reload itself)
         fused = [g["fused"] for g in opt.param_groups]
         opt.load_state_dict(ref.state_dict())
         for g, f in zip(opt.param_groups, fused):

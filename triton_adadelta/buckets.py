@@ -15,6 +15,7 @@ and the hyperparameter table are refreshed, and only when their contents change.
 from __future__ import annotations
 
 import sys
+from collections import defaultdict
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
@@ -168,6 +169,97 @@ def refuse_during_capture(device: torch.device, what: str) -> None:
             "(keep gradients: zero_grad(set_to_none=False)), and change lr only through a tensor lr "
             "(capturable=True makes it one; LR schedulers update it in place)."
         )
+
+
+class _Counted:
+    """Mixin for the dicts of :class:`StateDict`: every change adds one to the owner's ``version``."""
+
+    def _changed(self) -> None:
+        raise NotImplementedError
+
+    def __setitem__(self, key, value):
+        self._changed()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self._changed()
+        super().__delitem__(key)
+
+    def clear(self):
+        self._changed()
+        super().clear()
+
+    def pop(self, *args):
+        self._changed()
+        return super().pop(*args)
+
+    def popitem(self):
+        self._changed()
+        return super().popitem()
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self._changed()
+        return super().setdefault(key, default)
+
+    def update(self, *args, **kwargs):
+        self._changed()
+        super().update(*args, **kwargs)
+
+    def __ior__(self, other):
+        self._changed()
+        return super().__ior__(other)
+
+
+class StateEntry(_Counted, dict):
+    """The state dict of one parameter (``optimizer.state[p]``): a dict that reports its changes."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, owner: Optional[StateDict] = None, *args: Any, **kwargs: Any) -> None:
+        self.owner = owner
+        dict.__init__(self, *args, **kwargs)
+
+    def __reduce__(self):  # pickle and deepcopy: the items; the owner adopts the entry when it is set
+        return (type(self), (None, dict(self)))
+
+    def _changed(self) -> None:
+        if self.owner is not None:
+            self.owner.version += 1
+
+
+class StateDict(_Counted, defaultdict):
+    """``optimizer.state``: torch's ``defaultdict(dict)``, counting in ``version`` every change to it or
+    to a parameter's entry (a :class:`StateEntry`).
+
+    A step compares ``version`` with the one its cached route saw, so that ``opt.state[p] = {}``,
+    ``opt.state[p].clear()`` or a replaced ``opt.state[p]["square_avg"]`` are noticed without looking
+    at every parameter's state each step (what torch's optimizers do).
+    """
+
+    def __init__(self, items: Any = ()) -> None:
+        defaultdict.__init__(self, dict)  # the factory torch has; __missing__ makes tracked entries instead
+        self.version = 0
+        for key, value in dict(items).items():
+            self[key] = value
+
+    def __reduce__(self):  # pickle and deepcopy: the same class, entries re-adopted on load
+        return (type(self), (), None, None, iter(self.items()))
+
+    def __missing__(self, key: Any) -> StateEntry:
+        entry = StateEntry(self)
+        self[key] = entry
+        return entry
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if isinstance(value, StateEntry) and value.owner is None:
+            value.owner = self  # an unpickled or copied entry
+        elif isinstance(value, dict) and not (isinstance(value, StateEntry) and value.owner is self):
+            value = StateEntry(self, value)  # a plain dict from the user (or another's entry): tracked from now on
+        super().__setitem__(key, value)
+
+    def _changed(self) -> None:
+        self.version += 1
 
 
 class FlatState:

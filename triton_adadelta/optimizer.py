@@ -18,6 +18,7 @@ from .buckets import (
     MASTER_REMAINDER,
     FlatState,
     LaunchPlan,
+    StateDict,
     StateKey,
     is_dtensor,
     local,
@@ -241,6 +242,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         self._skipped_steps: Optional[Tensor] = None  # device counter, created by the first checked step
         self._master_from_param: list[Tensor] = []  # master weights to re-read from their parameter (loading)
         super().__init__(self._keras_params(params), defaults)
+        self.state = StateDict(self.state)  # counts its changes: see _route_context
         self._keras_init(name=name, clips=clips, schedule=schedule)
 
     # ----------------------------------------------------------------------------- validation
@@ -323,6 +325,8 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         self._plans = {}
         self._hyper = {}
         self._route = None
+        if not isinstance(self.state, StateDict):  # pickled by an older version
+            self.state = StateDict(self.state)
         for group in self.param_groups:
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
@@ -348,13 +352,33 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         return None
 
     def _ensure_state(self, group_params: list[tuple[dict, list[Tensor]]]) -> None:
-        """Give every listed parameter without state a zeroed segment in its flat state."""
+        """Give every listed parameter without state a zeroed segment in its flat state.
+
+        A parameter that still has a segment but no state (its state was reset: ``opt.state[p] = {}``,
+        ``.clear()``, ``del opt.state[p]``) leaves its old segment first, and starts again from zero as
+        in torch.
+        """
         new: dict[StateKey, list[Tensor]] = defaultdict(list)
+        reset: dict[StateKey, set[int]] = defaultdict(set)
         for group, params in group_params:
             for p in params:
                 if len(self.state.get(p, {})) == 0:
                     new[self._state_key(group, p)].append(p)
+                    flat = self._flat_of(p)
+                    if flat is not None:
+                        reset[flat.key].add(id(p))
+        self._drop_from_flats(reset)
         self._add_to_flats(new)
+
+    def _drop_from_flats(self, gone: dict[StateKey, set[int]]) -> None:
+        """Remove the parameters whose ids are in ``gone[key]`` from those flat states (compacted)."""
+        for key, ids in gone.items():
+            rest = self._flats.pop(key).without(ids)
+            if rest.params:
+                self._flats[key] = rest
+                rest.rebind(self.state)
+        if gone:
+            self._forget_plans()
 
     def _add_to_flats(self, new: dict[StateKey, list[Tensor]]) -> None:
         if new:
@@ -390,11 +414,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
             gone[self._flat_of(p).key].add(id(p))
             for k in names:
                 self.state[p].pop(k, None)
-        for key, ids in gone.items():
-            rest = self._flats.pop(key).without(ids)
-            if rest.params:
-                self._flats[key] = rest
-                rest.rebind(self.state)
+        self._drop_from_flats(gone)
         new: dict[StateKey, list[Tensor]] = defaultdict(list)
         for group, p in moves:
             new[self._state_key(group, local(p))].append(p)
@@ -441,7 +461,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         saved_state = state_dict["state"]
 
         previous = (self.state, self._flats, self.param_groups, self._skipped_steps)
-        self.state = defaultdict(dict)
+        self.state = StateDict()
         self._master_from_param = []
         self._flats = {}
         self._forget_plans()
@@ -454,7 +474,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
                 # which follow the flat offsets) comes back exactly as it was before saving.
                 self._ensure_state([(group_of[id(p)], [p]) for _, p, _ in loaded])
                 # ... and self.state in the saved order too, so the next state_dict() lists it the same way.
-                self.state = defaultdict(dict, [(p, self.state[p]) for _, p, _ in loaded])
+                self.state = StateDict([(p, self.state[p]) for _, p, _ in loaded])
                 for _, p, saved in loaded:
                     st = self.state[p]
                     master = saved.get("master")
@@ -591,14 +611,18 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         self._keras_after_step(found_inf)
 
     def _route_context(self) -> tuple:
-        """What a route depends on beyond the signature: the state dict, triton, each group's options."""
-        return (id(self.state), len(self.state), _triton.HAS_TRITON, _triton.interpreting(),
+        """What a route depends on beyond the signature: the state dict (any change to it or to an entry:
+        a reset ``opt.state[p] = {}`` or a replaced tensor), triton, each group's options."""
+        return (id(self.state), len(self.state), getattr(self.state, "version", None),
+                _triton.HAS_TRITON, _triton.interpreting(),
                 tuple((id(g), g["fused"], g["differentiable"], g["state_dtype"], g["stochastic_rounding"],
                        g["master_weights"]) for g in self.param_groups))
 
     def _build_route(self, signature: Optional[list]) -> _Route:
         """Route the parameters that have a gradient: follow dtype changes, create missing state, choose
         each one's path and kernel bucket, and find (or build) each bucket's launch plan."""
+        if not isinstance(self.state, StateDict):  # replaced by the user: count its changes again
+            self.state = StateDict(self.state)
         triples = [(gi, group, p) for gi, group in enumerate(self.param_groups) for p in group["params"]
                    if p.grad is not None]
         group_params = [(group, [p for _, gg, p in triples if gg is group]) for group in self.param_groups]
