@@ -193,14 +193,21 @@ def test_a_replaced_state_tensor_of_the_wrong_shape_is_an_error_that_changes_not
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, ours))
 
 
-def test_the_state_dict_keeps_counting_changes_after_pickling(monkeypatch):
+def test_opt_state_is_torchs_defaultdict_and_keeps_counting_after_copies(monkeypatch):
+    import copy
     import pickle
+    from collections import defaultdict
 
     counter, ours, theirs, opt, ref = _warm(monkeypatch)
-    opt2 = pickle.loads(pickle.dumps(opt))
-    v = opt2.state.version
-    next(iter(opt2.state.values())).clear()
-    assert opt2.state.version > v
+    assert isinstance(opt.state, defaultdict) and opt.state.default_factory is dict
+    fresh = torch.zeros(2)
+    assert opt.state[fresh] == {} and fresh in opt.state  # a missing key gets an empty entry, as in torch
+    del opt.state[fresh]
+    for other in (pickle.loads(pickle.dumps(opt)).state, copy.deepcopy(opt).state, opt.state.copy()):
+        assert type(other) is type(opt.state) and len(other) == len(opt.state)
+        v = other.version
+        next(iter(other.values())).clear()
+        assert other.version > v
 
 
 def test_a_loaded_state_dict_is_used_by_the_next_step(monkeypatch):

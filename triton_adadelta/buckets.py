@@ -237,10 +237,13 @@ class StateDict(_Counted, defaultdict):
     at every parameter's state each step (what torch's optimizers do).
     """
 
-    def __init__(self, items: Any = ()) -> None:
+    def __init__(self, *args: Any) -> None:
+        """``StateDict(items)``; ``StateDict(factory, items)`` as defaultdict's own ``copy()`` calls it."""
+        if args and (args[0] is None or callable(args[0])):
+            args = args[1:]
         defaultdict.__init__(self, dict)  # the factory torch has; __missing__ makes tracked entries instead
         self.version = 0
-        for key, value in dict(items).items():
+        for key, value in dict(*args).items():
             self[key] = value
 
     def __reduce__(self):  # pickle and deepcopy: the same class, entries re-adopted on load
