@@ -182,6 +182,41 @@ def test_a_reset_state_starts_again_from_zero_like_torch(how, monkeypatch):
     assert [f.size for f in opt._flats.values()] == sizes, "the old segment was dropped, not kept beside the new one"
 
 
+@pytest.mark.parametrize("path", ["kernel", "cpu_fused", "reference"])
+def test_replaced_state_tensors_are_taken_up_like_torch(path, monkeypatch):
+    """``opt.state[p]["square_avg"] = new_tensor`` (not an in-place copy) and a replaced step count:
+    torch updates whatever opt.state holds, so the next step starts from those values here too."""
+    if path == "cpu_fused" and KERNEL_DEVICE != "cpu":
+        pytest.skip("CPU tensors only")
+    counter, ours, theirs, opt, ref = _warm(monkeypatch)
+    if path == "cpu_fused":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if path == "reference":
+        for g in opt.param_groups:
+            g["fused"] = False
+    for o, p in ((opt, ours[0]), (ref, theirs[0])):
+        o.state[p]["square_avg"] = torch.full(p.shape, 0.25, device=p.device)
+        o.state[p]["acc_delta"] = torch.full(p.shape, 2.0, device=p.device)
+        o.state[p]["step"] = torch.tensor(10.0)
+    assert _step(opt, ref, ours, theirs, 5, counter) == (1 if path == "kernel" else 0)
+    assert float(opt.state[ours[0]]["step"]) == 11.0
+    flat = next(iter(opt._flats.values()))
+    assert not flat.replaced(ours[0], opt.state[ours[0]]), "the views are handed out again"
+    assert _step(opt, ref, ours, theirs, 6, counter) == (1 if path == "kernel" else 0)
+    _assert_matches(opt, ref, ours, theirs, f"replaced state ({path})")
+
+
+def test_a_replaced_acc_delta_of_the_wrong_shape_is_an_error_that_names_it(monkeypatch):
+    counter, ours, theirs, opt, ref = _warm(monkeypatch)
+    opt.state[ours[2]]["acc_delta"] = torch.zeros(1, device=KERNEL_DEVICE)
+    before = [p.detach().clone() for p in ours]
+    for p, g in zip(ours, _grads(ours, 5)):
+        p.grad = g
+    with pytest.raises(RuntimeError, match="'acc_delta' of parameter 2 of group 0 was replaced by a tensor of shape"):
+        opt.step()
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, ours))
+
+
 def test_a_replaced_state_tensor_of_the_wrong_shape_is_an_error_that_changes_nothing(monkeypatch):
     counter, ours, theirs, opt, ref = _warm(monkeypatch)
     opt.state[ours[2]]["square_avg"] = torch.zeros(3, device=KERNEL_DEVICE)

@@ -369,6 +369,25 @@ class FlatState:
             out["master"] = like_param(self._segment(self.master, i, shard), p)
         return out
 
+    def replaced(self, p: Tensor, entry: dict) -> dict[str, Any]:
+        """The names of ``entry`` (``state[p]``) that do not hold this flat state's view of p's segment,
+        with what they hold instead (something a user put there); None for a name that is missing."""
+        i = self.index[id(p)]
+        bufs = {"step": (self.steps, i), "square_avg": (self.square_avg, self.offsets[i]),
+                "acc_delta": (self.acc_delta, self.offsets[i])}
+        if self.master is not None:
+            bufs["master"] = (self.master, self.offsets[i])
+        out: dict[str, Any] = {}
+        for name, (buf, off) in bufs.items():
+            value = entry.get(name)
+            if isinstance(value, Tensor):
+                t = local(value)
+                if (t.data_ptr() == buf.data_ptr() + off * buf.element_size()
+                        and t.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()):
+                    continue  # a view of the segment (ours, or made from ours)
+            out[name] = value
+        return out
+
     def rebind(self, state: dict) -> None:
         """Point ``state[p]`` of every parameter of this flat state at the current buffers."""
         for p in self.params:

@@ -370,6 +370,36 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         self._drop_from_flats(reset)
         self._add_to_flats(new)
 
+    @torch.no_grad()
+    def _adopt_replaced_state(self, group_params: list[tuple[dict, list[Tensor]]]) -> None:
+        """Copy state a user put in ``opt.state[p]`` in place of the flat buffers' views into them, and
+        hand the views out again: torch's optimizers update whatever ``opt.state`` holds, so ours must
+        start from those values too. A tensor of another shape is an error that names it."""
+        for group, params in group_params:
+            for p in params:
+                flat = self._flat_of(p)
+                st = self.state.get(p)
+                if flat is None or not st:
+                    continue
+                replaced = flat.replaced(p, st)
+                if not replaced:
+                    continue
+                views = flat.views(p)
+                for name, value in replaced.items():
+                    if value is None:
+                        continue  # a missing name gets the view back
+                    if not isinstance(value, Tensor):
+                        value = torch.tensor(float(value))
+                    if name != "step" and tuple(value.shape) != tuple(views[name].shape):
+                        gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+                        pi = next(i for i, q in enumerate(group["params"]) if q is p)
+                        raise RuntimeError(
+                            f"the state '{name}' of parameter {pi} of group {gi} was replaced by a tensor of "
+                            f"shape {tuple(value.shape)}, but the parameter has shape {tuple(views[name].shape)}"
+                        )
+                    _copy_state(views[name], value.detach().reshape(views[name].shape), name)
+                st.update(views)
+
     def _drop_from_flats(self, gone: dict[StateKey, set[int]]) -> None:
         """Remove the parameters whose ids are in ``gone[key]`` from those flat states (compacted)."""
         for key, ids in gone.items():
@@ -628,6 +658,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         group_params = [(group, [p for _, gg, p in triples if gg is group]) for group in self.param_groups]
         self._follow_dtype_changes(group_params)
         self._ensure_state(group_params)
+        self._adopt_replaced_state(group_params)
         keys = self._route_keys([(gi, group, p, p.grad) for gi, group, p in triples])
         by_bucket: dict[tuple, list[int]] = defaultdict(list)
         reference = []
