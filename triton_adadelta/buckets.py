@@ -4,7 +4,8 @@ A :class:`FlatState` holds the state of every parameter that shares (device, par
 state dtype, master weights): one flat buffer each for square_avg, acc_delta, the per-tensor step
 counts and optionally float32 master weights. ``optimizer.state[p]`` holds views into it. Each
 tensor's segment starts at a multiple of :data:`ALIGN` elements, so aligned parameters get
-128-bit accesses on the state too.
+128-bit accesses on the state too. ``optimizer.state`` itself is a :class:`StateDict`, torch's
+``defaultdict(dict)`` counting its changes, so that a step notices edits to it cheaply.
 
 A :class:`LaunchPlan` is what one kernel launch needs for a set of tensors of one flat state:
 the per-tensor table (state offset, numel, step slot, group) and the chunk table (tensor, block).
