@@ -156,6 +156,15 @@ def upload_into(dst: Tensor, host: Tensor) -> None:
         dst.copy_(host.pin_memory(), non_blocking=True)
 
 
+def update_row(group: dict[str, Any], lr: Any) -> list[float]:
+    """A group's update hyperparameters as a table row: lr, rho, 1 - rho, eps, weight_decay, sign (-1
+    to maximize). The fused paths append their own last columns (the kernel: seed and clipvalue; the
+    CPU path: grad_scale and clipvalue). ``lr`` is the step's float learning rate."""
+    rho = float(group["rho"])
+    return [float(lr), rho, 1.0 - rho, float(group["eps"]), float(group["weight_decay"]),
+            -1.0 if group["maximize"] else 1.0]
+
+
 def refuse_during_capture(device: torch.device, what: str) -> None:
     """Raise if the current CUDA stream is being captured: ``what`` would need a host-to-device copy.
 

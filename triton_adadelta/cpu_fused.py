@@ -52,6 +52,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from .buckets import update_row
 from .reference import real_view
 
 __all__ = ["ENABLED", "MIN_NUMEL", "SUPPORTED", "BuildError", "CpuPlan", "available", "library", "fused_update_",
@@ -337,11 +338,9 @@ class CpuPlan:
 
     def __init__(self, opt: Any, indexed_entries: list[tuple[int, tuple[int, dict, Tensor, Tensor]]]) -> None:
         global _failed
-        self.settings = settings()
         self.calls: list[tuple[Any, list[int], Tensor, Any]] = []  # (C function, entry indices, table, its numpy view)
         self.groups: list[dict] = []  # hyperparameter row r is self.groups[r]'s
         chosen: dict[tuple, list] = defaultdict(list)
-        rest: list[int] = []
         group_rows: dict[int, Optional[int]] = {}
         total = 0
         for i, (gi, group, p, g) in indexed_entries:
@@ -354,12 +353,10 @@ class CpuPlan:
                 group_rows[gi] = row
             st = opt.state[p]
             slot = None if row is None or not _is_step(st.get("step")) else _slot(p, g, st)
-            if slot is None:
-                rest.append(i)
-            else:
+            if slot is not None:
                 chosen[(slot[0].dtype, slot[1].dtype, slot[2].dtype)].append((i, slot, row, st["step"]))
                 total += slot[0].numel()
-        self.rest = sorted(rest + [i for items in chosen.values() for i, *_ in items])
+        self.rest = self.everything = [i for i, _ in indexed_entries]  # until calls are made
         if not chosen or total < MIN_NUMEL or not available():
             return
         try:
@@ -386,16 +383,12 @@ class CpuPlan:
         """Update this plan's entries of the step (``entries[i]`` is entry ``i`` of the step);
         return the others as ``(i, entry)``. Nothing is updated when the path is not available now."""
         if not self.calls or not available():
-            return [(i, entries[i]) for i in sorted(set(self.rest) | {i for _, idx, _, _ in self.calls for i in idx})]
+            return [(i, entries[i]) for i in self.everything]
         from .clipping import clip_table
 
         scale = 1.0 if grad_scale is None else float(grad_scale)
         cv = float("inf") if clip_value is None else float(clip_value)
-        rows = []
-        for group in self.groups:
-            rho = float(group["rho"])
-            rows.append((float(opt._group_lr(group)), rho, 1.0 - rho, float(group["eps"]),
-                         float(group["weight_decay"]), -1.0 if group["maximize"] else 1.0, scale, cv))
+        rows = [update_row(group, float(opt._group_lr(group))) + [scale, cv] for group in self.groups]
         hyper = torch.tensor(rows, dtype=torch.float32)
         cpu = torch.device("cpu")
         for fn, idx, table, view in self.calls:

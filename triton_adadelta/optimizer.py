@@ -23,6 +23,7 @@ from .buckets import (
     is_dtensor,
     local,
     refuse_during_capture,
+    update_row,
     upload,
     upload_into,
 )
@@ -358,17 +359,8 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         ``.clear()``, ``del opt.state[p]``) leaves its old segment first, and starts again from zero as
         in torch.
         """
-        new: dict[StateKey, list[Tensor]] = defaultdict(list)
-        reset: dict[StateKey, set[int]] = defaultdict(set)
-        for group, params in group_params:
-            for p in params:
-                if len(self.state.get(p, {})) == 0:
-                    new[self._state_key(group, p)].append(p)
-                    flat = self._flat_of(p)
-                    if flat is not None:
-                        reset[flat.key].add(id(p))
-        self._drop_from_flats(reset)
-        self._add_to_flats(new)
+        self._new_segments([(group, p) for group, params in group_params for p in params
+                            if len(self.state.get(p, {})) == 0])
 
     @torch.no_grad()
     def _adopt_replaced_state(self, group_params: list[tuple[dict, list[Tensor]]]) -> None:
@@ -400,25 +392,31 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
                     _copy_state(views[name], value.detach().reshape(views[name].shape), name)
                 st.update(views)
 
-    def _drop_from_flats(self, gone: dict[StateKey, set[int]]) -> None:
-        """Remove the parameters whose ids are in ``gone[key]`` from those flat states (compacted)."""
+    def _new_segments(self, pairs: list[tuple[dict, Tensor]]) -> None:
+        """Give each ``(group, p)`` a zeroed segment in the flat state of its current key (and views in
+        ``state[p]``). A segment it had before is dropped and that flat state compacted. Buffers are
+        reallocated, so cached plans and the route are dropped too."""
+        if not pairs:
+            return
+        new: dict[StateKey, list[Tensor]] = defaultdict(list)
+        gone: dict[StateKey, set[int]] = defaultdict(set)
+        for group, p in pairs:
+            new[self._state_key(group, local(p))].append(p)
+            flat = self._flat_of(p)
+            if flat is not None:
+                gone[flat.key].add(id(p))
         for key, ids in gone.items():
             rest = self._flats.pop(key).without(ids)
             if rest.params:
                 self._flats[key] = rest
                 rest.rebind(self.state)
-        if gone:
-            self._forget_plans()
-
-    def _add_to_flats(self, new: dict[StateKey, list[Tensor]]) -> None:
-        if new:
-            self._route = None
         for key, params in new.items():
             flat = self._flats.get(key)
             if flat is None:
                 flat = self._flats[key] = FlatState(key)
             flat.add(params)
             flat.rebind(self.state)
+        self._forget_plans()
 
     @torch.no_grad()
     def _follow_dtype_changes(self, group_params: list[tuple[dict, list[Tensor]]]) -> None:
@@ -439,23 +437,16 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
             return
         names = ("step", "square_avg", "acc_delta", "master")
         saved = {id(p): {k: local(v).clone() for k, v in self.state[p].items() if k in names} for _, p in moves}
-        gone: dict[StateKey, set[int]] = defaultdict(set)
         for _, p in moves:
-            gone[self._flat_of(p).key].add(id(p))
             for k in names:
                 self.state[p].pop(k, None)
-        self._drop_from_flats(gone)
-        new: dict[StateKey, list[Tensor]] = defaultdict(list)
-        for group, p in moves:
-            new[self._state_key(group, local(p))].append(p)
-        self._add_to_flats(new)
+        self._new_segments(moves)
         for _, p in moves:
             st, old = self.state[p], saved[id(p)]
             for k in ("step", "square_avg", "acc_delta"):
                 local(st[k]).copy_(old[k])
             if "master" in st and "master" in old and st["master"].dtype == old["master"].dtype == torch.float32:
                 local(st["master"]).copy_(old["master"])
-        self._forget_plans()
 
     def _forget_plans(self) -> None:
         """Drop every cached launch plan, table and route: the flat states or the groups changed."""
@@ -578,9 +569,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
                     lr = 0.0
                 else:
                     lr = float(lr)
-            rows.append([float(lr), float(group["rho"]), 1.0 - float(group["rho"]), float(group["eps"]),
-                         float(group["weight_decay"]),
-                         -1.0 if group["maximize"] else 1.0, float(group["seed"]), clip_value])
+            rows.append(update_row(group, lr) + [float(group["seed"]), clip_value])
         cached = self._hyper.get(device)
         if cached is None or len(cached[0]) != len(rows):
             self._hyper[device] = (rows, upload(torch.tensor(rows, dtype=torch.float32), device))
@@ -643,7 +632,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
     def _route_context(self) -> tuple:
         """What a route depends on beyond the signature: the state dict (any change to it or to an entry:
         a reset ``opt.state[p] = {}`` or a replaced tensor), triton, each group's options."""
-        return (id(self.state), len(self.state), getattr(self.state, "version", None),
+        return (id(self.state), getattr(self.state, "version", None),
                 _triton.HAS_TRITON, _triton.interpreting(),
                 tuple((id(g), g["fused"], g["differentiable"], g["state_dtype"], g["stochastic_rounding"],
                        g["master_weights"]) for g in self.param_groups))
@@ -898,6 +887,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
     def _step_kernel(self, route: _Route, entries, coefs, grad_scale, found_inf) -> None:
         """The fused path: one launch per bucket of the route (flat state, gradient dtype, stochastic)."""
         kernel = _triton.adadelta_kernel()
+        hypers: dict[torch.device, Tensor] = {}  # one table per device and step, whatever the buckets
         for (key, gdtype, stochastic), idx, plan, plain in route.buckets:
             flat = plan.flat
             if plain:
@@ -908,7 +898,9 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
                 grads = [real_view(local(entries[i][3])) for i in idx]
             pointers = plan.refresh_pointers(params, grads)
             vec = plan.vec
-            hyper = self._hyper_table(key.device)
+            hyper = hypers.get(key.device)
+            if hyper is None:
+                hyper = hypers[key.device] = self._hyper_table(key.device)
             has_clip = coefs is not None
             # A slice of the step's multiplier vector when this launch's entries are adjacent in it.
             clip = clipping.clip_table(coefs, idx, key.device) if has_clip else hyper
