@@ -862,3 +862,132 @@ def test_docs_migration_example_runs():
     assert blocks, "docs/keras.md lost its runnable example"
     for block in blocks:
         exec(compile(block, "docs/keras.md", "exec"), {})
+
+
+# ============================================================================== Keras details found by review
+ALL_PATHS = ["reference", "cpu-fused", pytest.param("kernel", marks=needs_kernel)]
+
+
+def _use_path(path, monkeypatch):
+    """(device, fused) for one of the three CPU-testable paths."""
+    if path == "cpu-fused":
+        from triton_adadelta import cpu_fused
+
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        monkeypatch.setattr(cpu_fused, "MIN_NUMEL", 0)
+        return "cpu", None
+    return (KERNEL_DEVICE, True) if path == "kernel" else ("cpu", False)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_get_weights_is_a_snapshot_that_set_weights_restores(path, monkeypatch):
+    dev, fused = _use_path(path, monkeypatch)
+    params = _make([(5,), (3, 3)], torch.float32, dev, seed=40)
+    opt = Adadelta(params, fused=fused)
+    for step in range(3):
+        for p, g in zip(params, _grads(params, seed=41 + step)):
+            p.grad = g
+        opt.step()
+        if step == 0:
+            snapshot = opt.get_weights()
+            expected = [_np(w) for w in opt.weights]
+    for a, e in zip(snapshot, expected):  # later steps did not reach into the snapshot
+        assert np.array_equal(a, e)
+    opt.set_weights(snapshot)
+    assert int(opt.iterations) == 1
+    for w, e in zip(opt.weights, expected):
+        assert np.array_equal(_np(w), e)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_zero_argument_callable_learning_rate_is_read_every_step(path, monkeypatch):
+    """Keras calls a callable that is not a LearningRateSchedule with no arguments, each step."""
+    dev, fused = _use_path(path, monkeypatch)
+    box = [0.7]
+    params = _make(SHAPES[:2], torch.float32, dev, seed=43)
+    values = {i: _np(p) for i, p in enumerate(params)}
+    opt = Adadelta(params, learning_rate=lambda: box[0], rho=0.8, epsilon=1e-6, fused=fused)
+    oracle = KerasAdadelta(rho=0.8, epsilon=1e-6, schedule=lambda t: box[0])
+    assert opt.param_groups[0]["lr"] == 0.7
+    for step, lr in enumerate([0.7, 0.2, 1.5]):
+        box[0] = lr
+        _step_both(opt, oracle, params, _grads(params, seed=44 + step), values)
+    opt.learning_rate = lambda: 0.05  # the setter takes one as well
+    oracle.schedule = lambda t: 0.05
+    _step_both(opt, oracle, params, _grads(params, seed=50), values)
+    for i, p in enumerate(params):
+        _close(p, values[i], torch.float32, f"param {i}")
+    with pytest.raises(TypeError, match="get_config"):
+        opt.get_config()  # a lambda cannot be serialised, as before
+
+
+def test_from_config_applies_keras_epsilon_fallback_to_keras_configs_only():
+    keras_config = {"name": "Adadelta", "learning_rate": 0.001, "decay": 0.0, "rho": 0.95}
+    for eps in (0, 0.0, None):
+        opt = Adadelta.from_config({**keras_config, "epsilon": eps})
+        assert opt.epsilon == 1e-7, eps
+    assert Adadelta.from_config({**keras_config, "epsilon": 1e-5}).epsilon == 1e-5
+    ours = Adadelta([torch.zeros(2, requires_grad=True)], eps=0.0).get_config()  # torch allows eps=0
+    assert ours["epsilon"] == 0.0
+    assert Adadelta.from_config(json.loads(json.dumps(ours))).get_config() == ours
+
+
+def test_get_config_turns_numpy_numbers_into_json():
+    opt = Adadelta([torch.zeros(2, requires_grad=True)], learning_rate=np.float32(0.5), rho=np.float32(0.9),
+                   epsilon=np.float64(1e-6), clipnorm=np.float32(1.5), decay=np.float32(0.25))
+    config = opt.get_config()
+    text = json.dumps(config)
+    for k in ("learning_rate", "rho", "epsilon", "clipnorm", "decay"):
+        assert type(config[k]) is float, k
+    again = Adadelta.from_config(json.loads(text))
+    assert again.get_config() == config
+    assert again.rho == float(np.float32(0.9)) and again.clipnorm == 1.5
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_add_slot_creates_adadelta_slots_from_the_initializer(path, monkeypatch):
+    """As in Keras: a slot created by add_slot before the first apply starts from its initializer."""
+    dev, fused = _use_path(path, monkeypatch)
+    (v,) = _make([(6,)], torch.float32, dev, seed=60)
+    values = {0: _np(v)}
+    opt = Adadelta([v], learning_rate=0.5, rho=0.9, epsilon=1e-6, fused=fused)
+    with pytest.raises(ValueError, match="variable's shape"):
+        opt.add_slot(v, "accum_grad", "ones", shape=(2, 3))
+    assert not opt.state[v]  # the bad call created nothing
+    grad_slot = opt.add_slot(v, "accum_grad", initializer="ones")
+    acc_slot = opt.add_slot(v, "accum_var", initializer=0.25)
+    assert torch.equal(grad_slot, torch.ones(6, device=dev)) and torch.equal(acc_slot, torch.full((6,), 0.25,
+                                                                                                  device=dev))
+    assert opt.add_slot(v, "accum_grad", initializer=7.0) is grad_slot  # it exists now: returned as it is
+    assert torch.equal(grad_slot, torch.ones(6, device=dev))
+    oracle = KerasAdadelta(learning_rate=0.5, rho=0.9, epsilon=1e-6)
+    oracle.accum_grad[0], oracle.accum_var[0] = np.ones(6), np.full(6, 0.25)
+    for step in range(3):
+        _step_both(opt, oracle, [v], _grads([v], seed=61 + step), values)
+    _close(v, values[0], torch.float32, "variable")
+    _close(opt.get_slot(v, "accum_grad"), oracle.accum_grad[0], torch.float32, "accum_grad")
+    _close(opt.get_slot(v, "accum_var"), oracle.accum_var[0], torch.float32, "accum_var")
+    assert opt.add_slot(v, "accum_var", initializer=3.0) is opt.get_slot(v, "accum_var")  # after a step: kept
+    _close(opt.get_slot(v, "accum_var"), oracle.accum_var[0], torch.float32, "accum_var after add_slot")
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_weights_follow_the_order_of_the_first_apply(path, monkeypatch):
+    dev, fused = _use_path(path, monkeypatch)
+    a, b, c = _make([(3,), (2,), (4,)], torch.float32, dev, seed=70)
+    opt = Adadelta([a, b, c], fused=fused)
+    oracle = KerasAdadelta()
+    keys = {id(a): "a", id(b): "b", id(c): "c"}
+    ga, gb, gc = _grads([a, b, c], seed=71)
+    opt.param_groups[0]["lr"] = -1.0  # this apply fails inside step(): the order it logged is undone
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        opt.apply_gradients([(ga, a), (gb, b)])
+    opt.param_groups[0]["lr"] = 1.0
+    opt.apply_gradients([(gc, c), (ga, a)])
+    oracle.apply_gradients([(_np(gc), "c"), (_np(ga), "a")], {"a": _np(a), "b": _np(b), "c": _np(c)})
+    opt.apply_gradients([(gb, b), (gc, c)])
+    oracle.apply_gradients([(_np(gb), "b"), (_np(gc), "c")], {"a": _np(a), "b": _np(b), "c": _np(c)})
+    entries = [(keys[id(p)], name) for p, name, _ in opt._slot_entries()]
+    assert entries == oracle.weight_order == [("c", "accum_grad"), ("a", "accum_grad"), ("c", "accum_var"),
+                                              ("a", "accum_var"), ("b", "accum_grad"), ("b", "accum_var")]
+    assert [tuple(w.shape) for w in opt.weights] == [(), (4,), (3,), (4,), (3,), (2,), (2,)]

@@ -20,6 +20,7 @@ Keras semantics in one place (legacy ``tf.keras.optimizers.Adadelta``):
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import warnings
@@ -166,6 +167,32 @@ def _is_schedule(value: Any) -> bool:
     return callable(value) and not isinstance(value, (Tensor, numbers.Number))
 
 
+def _takes_step(schedule: Callable) -> bool:
+    """Whether a learning-rate callable is called with the step (Keras calls other callables with nothing).
+
+    A LearningRateSchedule, or any callable that accepts one positional argument, gets the step;
+    one that takes no arguments (Keras' ``learning_rate=lambda: 0.01``) is called without it.
+    """
+    if isinstance(schedule, LearningRateSchedule):
+        return True
+    try:
+        inspect.signature(schedule).bind(0)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to inspect (some builtins): assume a schedule
+        return True
+    return True
+
+
+def schedule_value(schedule: Callable, step: Union[int, Tensor]) -> Union[float, Tensor]:
+    """The learning rate a schedule (or a Keras zero-argument callable) gives at ``step``."""
+    return schedule(step) if _takes_step(schedule) else schedule()
+
+
+def _as_float(value: Union[float, Tensor]) -> float:
+    return float(value.reshape(())) if isinstance(value, Tensor) else float(value)
+
+
 # --------------------------------------------------------------------------------------------- arguments
 def _check_nonnegative(name: str, value: Any) -> Optional[float]:
     if value is None:
@@ -218,8 +245,7 @@ def resolve_arguments(
     schedule = None
     if _is_schedule(lr):
         schedule = lr
-        first = schedule(0)
-        lr = float(first.reshape(())) if isinstance(first, Tensor) else float(first)
+        lr = _as_float(schedule_value(schedule, 0))
     elif not lr_given and learning_rate is None:
         lr = 1.0
 
@@ -280,11 +306,13 @@ def _dtype_from_name(name: str) -> torch.dtype:
 
 
 def _plain(value: Any) -> Any:
-    """A JSON-friendly value: tensors become floats, dtypes their names."""
+    """A JSON-friendly value: tensors and numpy scalars become Python numbers, dtypes their names."""
     if isinstance(value, Tensor):
         return float(value.reshape(()))
     if isinstance(value, torch.dtype):
         return _dtype_name(value)
+    if isinstance(value, np.generic):
+        return value.item()
     return value
 
 
@@ -316,6 +344,7 @@ def _load_pre_hook(opt: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load_post_hook(opt: Any) -> None:
+    opt._unclaimed_slots.clear()  # loaded state is state Keras has created
     pending, opt._pending_keras = opt._pending_keras, None
     if pending is None:
         return
@@ -386,6 +415,10 @@ class KerasOptimizerMixin:
     def _keras_transient(self) -> None:
         """Attributes that are rebuilt rather than copied (caches, id-keyed sets, hooks)."""
         self._slot_logged = {id(p) for p, n in self._slot_log if n == "accum_grad"}
+        #: (id(var), slot) of Adadelta slots that exist only because add_slot made the other one: Keras
+        #: would still create them from a later add_slot's initializer. Cleared by a step.
+        self._unclaimed_slots: set[tuple[int, str]] = set()
+        self._lr_takes_step = self._lr_schedule is None or _takes_step(self._lr_schedule)
         self._norm_cache: dict = {}
         #: Set by data-parallel setups: called with the step's squared norms ([per tensor..., total],
         #: see clipping.squared_norms) before they become multipliers; all-reduce it in place (SUM) or
@@ -439,14 +472,14 @@ class KerasOptimizerMixin:
     @learning_rate.setter
     def learning_rate(self, value: Any) -> None:
         if _is_schedule(value):
-            first = value(0)
-            lr = float(first.reshape(())) if isinstance(first, Tensor) else float(first)
+            lr = _as_float(schedule_value(value, 0))
             self._check_hyperparameters(lr=lr)  # type: ignore[attr-defined]
             self._lr_schedule = value
         else:
             self._check_hyperparameters(lr=value)  # type: ignore[attr-defined]
             self._lr_schedule = None
             lr = value
+        self._lr_takes_step = self._lr_schedule is None or _takes_step(self._lr_schedule)
         self._set_all("lr", lr)
 
     lr = learning_rate
@@ -530,7 +563,10 @@ class KerasOptimizerMixin:
         if self._lr_schedule is None and not decay:
             return group["lr"]
         step = self._step_count(group)
-        lr = self._lr_schedule(step) if self._lr_schedule is not None else group["lr"]
+        if self._lr_schedule is None:
+            lr = group["lr"]
+        else:
+            lr = self._lr_schedule(step) if self._lr_takes_step else self._lr_schedule()
         if decay:
             lr = lr / (1 + decay * step)
         return lr
@@ -561,6 +597,7 @@ class KerasOptimizerMixin:
 
     def _keras_after_step(self, found_inf: Optional[Tensor]) -> None:
         """iterations += 1 on the device; by 0 when ``found_inf`` is set (no host read either way)."""
+        self._unclaimed_slots.clear()
         it = self._iterations
         if any(g.get("capturable") for g in self.param_groups):
             # capturable promises no host read of a tensor, even of a CPU one (on a device it is a
@@ -654,13 +691,14 @@ class KerasOptimizerMixin:
         return self.weights
 
     def get_weights(self) -> list[np.ndarray]:
-        """The values of :attr:`weights` as numpy arrays (bfloat16 state as float32: numpy has no bfloat16)."""
+        """Copies of the values of :attr:`weights` as numpy arrays (bfloat16 state as float32: numpy has no
+        bfloat16). Copies, as in Keras: later steps do not change a list taken before them."""
         out = []
         for w in self.weights:
             w = w.detach()
             if w.dtype == torch.bfloat16:
                 w = w.float()
-            out.append(w.cpu().numpy())
+            out.append(w.to("cpu", copy=True).numpy())
         return out
 
     def set_weights(self, weights: Iterable[Any]) -> None:
@@ -722,6 +760,8 @@ class KerasOptimizerMixin:
         ``initializer``: "zeros", "ones", a number, a tensor, or a callable ``(shape, dtype) -> tensor``.
         The slot has ``var``'s dtype and device and ``shape`` (default ``var.shape``). A variable the
         optimizer does not know joins its first param group; its Adadelta state is created with it.
+        ``accum_grad``/``accum_var`` of a variable without state are created from ``initializer`` (the
+        other one zeros), as Keras' first apply would find them; when they exist they are returned as they are.
         """
         if not isinstance(var, Tensor):
             raise TypeError(f"add_slot needs a tensor variable, got {type(var).__name__}")
@@ -732,20 +772,34 @@ class KerasOptimizerMixin:
         shape = tuple(var.shape) if shape is None else tuple(int(s) for s in shape)
         group = self._group_of(var)
         st = self.state.get(var) if group is not None else None
-        if st and slot_name in SLOT_NAMES:
+        if st and slot_name in SLOT_NAMES and (id(var), SLOT_NAMES[slot_name]) not in self._unclaimed_slots:
             return st[SLOT_NAMES[slot_name]]
         if st and slot_name in st:
             return st[slot_name]
-        value = None if slot_name in SLOT_NAMES else self._initial_value(initializer, shape, var)
+        if slot_name in SLOT_NAMES:
+            if shape != tuple(var.shape):
+                raise ValueError(f"the slot {slot_name!r} has the variable's shape {tuple(var.shape)}, not {shape}")
+            # Keras creates a missing Adadelta slot from the initializer given here; the first apply then
+            # finds it. Built in fp32 at least, as the state is (bf16 variables have fp32 state).
+            value = self._initial_value(initializer, shape, var, torch.promote_types(var.dtype, torch.float32))
+        else:
+            value = self._initial_value(initializer, shape, var)
         if group is None:
             self._adopt([var])
             group = self._group_of(var)
         if not self.state.get(var):
             self._ensure_state([(group, [var])])  # type: ignore[attr-defined]
+            if slot_name in SLOT_NAMES:
+                other = "acc_delta" if SLOT_NAMES[slot_name] == "square_avg" else "square_avg"
+                self._unclaimed_slots.add((id(var), other))
         self._log_new_slots([var])
         st = self.state[var]
-        if value is None:
-            return st[SLOT_NAMES[slot_name]]
+        if slot_name in SLOT_NAMES:
+            self._unclaimed_slots.discard((id(var), SLOT_NAMES[slot_name]))
+            slot = st[SLOT_NAMES[slot_name]]
+            with torch.no_grad():
+                slot.copy_(value)
+            return slot
         st[slot_name] = value
         self._slot_log.append((var, slot_name))
         if slot_name not in self._user_slot_names:
@@ -753,8 +807,8 @@ class KerasOptimizerMixin:
         return value
 
     @staticmethod
-    def _initial_value(initializer: Any, shape: tuple, var: Tensor) -> Tensor:
-        dtype, device = var.dtype, var.device
+    def _initial_value(initializer: Any, shape: tuple, var: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+        dtype, device = dtype or var.dtype, var.device
         if isinstance(initializer, str):
             fill = {"zeros": 0.0, "ones": 1.0}.get(initializer)
             if fill is None:
@@ -837,12 +891,20 @@ class KerasOptimizerMixin:
 
         everything = [p for g in self.param_groups for p in g["params"]]
         saved = [p.grad for p in everything]
+        # Keras creates slots in the order of grads_and_vars, which need not be the param groups' order.
+        log_length = len(self._slot_log)
+        self._log_new_slots([p for p in everything if self.state.get(p)])  # earlier state keeps its place
+        self._log_new_slots([v for _, v in present])
         try:
             for p in everything:
                 p.grad = None
             for g, v in present:
                 v.grad = g.detach() if g.dtype == v.dtype else g.detach().to(v.dtype)
             self.step()  # type: ignore[attr-defined]
+        except BaseException:
+            del self._slot_log[log_length:]
+            self._slot_logged = {id(p) for p, n in self._slot_log if n == "accum_grad"}
+            raise
         finally:
             for p, g in zip(everything, saved):
                 p.grad = g
@@ -911,6 +973,8 @@ class KerasOptimizerMixin:
 
     # ------------------------------------------------------------------ config
     _NOT_IN_CONFIG = ("params", "lr", "rho", "eps", "decay", "seed", "initial_lr")
+    #: Keys our get_config writes and tf.keras' never does: they tell our configs from Keras' ones.
+    _OUR_CONFIG_KEYS = ("weight_decay", "state_dtype", "fused", "maximize")
 
     def get_config(self) -> dict[str, Any]:
         """Keras' keys (name, clip values when set, learning_rate, decay, rho, epsilon), then ours.
@@ -922,7 +986,7 @@ class KerasOptimizerMixin:
         config: dict[str, Any] = {"name": self.name}
         for k in ("clipnorm", "clipvalue", "global_clipnorm"):
             if getattr(self, k) is not None:
-                config[k] = getattr(self, k)
+                config[k] = _plain(getattr(self, k))
         config["learning_rate"] = (serialize_schedule(self._lr_schedule) if self._lr_schedule is not None
                                    else _plain(g0["lr"]))
         config["decay"] = _plain(g0.get("decay", 0.0))
@@ -949,5 +1013,8 @@ class KerasOptimizerMixin:
         if isinstance(config.get("state_dtype"), str):
             config["state_dtype"] = _dtype_from_name(config["state_dtype"])
         if "epsilon" in config and "eps" not in config:
-            config["eps"] = config.pop("epsilon")  # a resolved value: no Keras `epsilon or 1e-7` fallback
+            if any(k in config for k in cls._OUR_CONFIG_KEYS):
+                config["eps"] = config.pop("epsilon")  # our config holds the resolved eps, which may be 0
+            elif not config["epsilon"]:
+                config["epsilon"] = 0.0  # Keras' config: `epsilon or 1e-7` (None or 0 mean 1e-7)
         return cls(**config)
