@@ -25,6 +25,8 @@ from triton_adadelta import Adadelta
 def _bits(t: torch.Tensor) -> tuple:
     """dtype, shape and the raw bytes of a tensor: equal bits, NaN payloads included."""
     t = t.detach()
+    if t.device.type == "meta":  # no bits to compare
+        return (t.dtype, tuple(t.shape), "meta")
     if t.layout != torch.strided:
         t = t.to_dense()
     if hasattr(t, "to_local"):
@@ -269,6 +271,32 @@ def _corrupt(kind: str, params: list[torch.Tensor], opt: Adadelta):
         _set_data(p, torch.randn(n, dtype=p.dtype, device=p.device))
         p.grad = torch.randn(n, dtype=p.dtype, device=p.device)
         return RuntimeError, r"the state of parameter 1 of group 1 has shape \(40,\) .* now has shape \(43,\)"
+    # Settings of the LAST group that a step could only trip over after the first group's update.
+    if kind == "tensor-rho":
+        opt.param_groups[1]["rho"] = torch.tensor([0.5, 0.9])
+        return ValueError, "Tensor rho must be 1-element"
+    if kind == "meta-lr":
+        opt.param_groups[1]["lr"] = torch.tensor(0.5, device="meta")
+        return ValueError, "Tensor lr is on the meta device"
+    if kind == "negative-decay":
+        opt.param_groups[1]["decay"] = -1.0
+        return ValueError, r"Expected decay >= 0, received: -1.0"
+    if kind == "string-decay":
+        opt.param_groups[1]["decay"] = "0.1"
+        return TypeError, "decay must be a number, got str"
+    if kind == "non-tensor-param":
+        opt.param_groups[1]["params"].append(3.0)
+        return TypeError, "parameter 2 of group 1 is a float: optimizer can only optimize Tensors"
+    # State replaced by the user with something unusable (the step would copy it into the flat buffers).
+    if kind == "replaced-wrong-shape":
+        opt.state[p]["acc_delta"] = torch.zeros(7, device=p.device)
+        return RuntimeError, r"the state 'acc_delta' of parameter 1 of group 1 was replaced by a tensor of shape \(7,\)"
+    if kind == "replaced-string-step":
+        opt.state[p]["step"] = "abc"
+        return TypeError, "the state of parameter 1 of group 1: 'step' must be a one-element real tensor"
+    if kind == "replaced-meta":
+        opt.state[p]["acc_delta"] = torch.zeros(p.shape, device="meta")
+        return TypeError, "the state 'acc_delta' of parameter 1 of group 1 was replaced by a .* tensor on meta"
     raise AssertionError(kind)
 
 
@@ -284,19 +312,27 @@ def _undo(kind: str, params, opt, saved) -> None:
         opt.param_groups[1]["params"].pop()
     elif kind == "resized":
         _set_data(p, saved["data"])
+    elif kind in ("tensor-rho", "meta-lr", "negative-decay", "string-decay"):
+        opt.param_groups[1].update(saved["group1"])
+    elif kind == "non-tensor-param":
+        opt.param_groups[1]["params"].pop()
+    elif kind.startswith("replaced"):
+        opt.state[p].update(saved["state"])
     p.grad = saved["grad"].clone()
 
 
 STEP_CASES = ["shape", "int-dtype", "float64-dtype", "complex-dtype", "sparse", "nan-lr",
-              "negative-eps", "string-flag", "two-groups", "resized"]
+              "negative-eps", "string-flag", "two-groups", "resized", "tensor-rho", "meta-lr", "negative-decay",
+              "string-decay", "non-tensor-param", "replaced-wrong-shape", "replaced-string-step", "replaced-meta"]
 
 
 @pytest.mark.parametrize("fused, kind", _cases(STEP_CASES, {"shape", "int-dtype", "sparse", "nan-lr", "two-groups",
-                                                           "resized"}))
+                                                           "resized", "tensor-rho", "replaced-wrong-shape"}))
 def test_step_rejects_bad_input_and_changes_nothing(fused, kind):
     opt, params, twin, twin_params = _make(fused)
     saved = dict(lr1=opt.param_groups[1]["lr"], eps0=opt.param_groups[0]["eps"], data=params[-1].data,
-                 grad=params[-1].grad.clone())
+                 grad=params[-1].grad.clone(), group1={k: v for k, v in opt.param_groups[1].items() if k != "params"},
+                 state=dict(opt.state[params[-1]]))
     exc, message = _corrupt(kind, params, opt)
     before = snapshot(opt, params)
     with pytest.raises(exc, match=message):
@@ -725,7 +761,17 @@ def _keras_cases(params):
         "new-int-variable": (lambda: [(g0, v0), (torch.ones(3, device=v0.device), torch.zeros(3, dtype=torch.int64,
                                                                                                 device=v0.device))],
                              TypeError, "has dtype torch.int64"),
+        # A new variable passes the pair checks; the step then refuses a later group's setting. The
+        # variable must not stay adopted.
+        "new-variable-then-bad-group": (lambda: _with_bad_lr(params, [(g0, v0), (torch.ones(3, device=v0.device),
+                                                                                torch.zeros(3, device=v0.device))]),
+                                        ValueError, "Invalid learning rate: -1.0"),
     }
+
+
+def _with_bad_lr(params, pairs):
+    params[-1]._opt.param_groups[1]["lr"] = -1.0
+    return pairs
 
 
 KERAS_CASES = list(_keras_cases([torch.zeros(7), torch.zeros(40)]))
@@ -735,16 +781,20 @@ KERAS_CASES = list(_keras_cases([torch.zeros(7), torch.zeros(40)]))
 def test_apply_gradients_rejects_and_changes_nothing(fused, case):
     opt, params, twin, twin_params = _make(fused)
     make, exc, message = _keras_cases(params)[case]
+    params[-1]._opt = opt
+    lr1 = opt.param_groups[1]["lr"]
     before, iterations = snapshot(opt, params), int(opt.iterations)
     with pytest.raises(exc, match=message):
         opt.apply_gradients(make())
+    opt.param_groups[1]["lr"] = lr1
     assert_same(before, snapshot(opt, params))
     assert int(opt.iterations) == iterations
     assert sum(len(g["params"]) for g in opt.param_groups) == len(params)
     _continue_equal(opt, params, twin, twin_params)
 
 
-@pytest.mark.parametrize("case", ["short", "long", "shape", "complex", "negative-iterations", "fractional-iterations"])
+@pytest.mark.parametrize("case", ["short", "long", "shape", "complex", "negative-iterations", "fractional-iterations",
+                                  "meta-last"])
 def test_set_weights_rejects_and_changes_nothing(case):
     opt, params, twin, twin_params = _make(False)
     weights = opt.get_weights()
@@ -760,12 +810,17 @@ def test_set_weights_rejects_and_changes_nothing(case):
     elif case == "complex":
         bad = [w.astype("complex64") if i == 2 else w for i, w in enumerate(weights)]
         exc, message = TypeError, "a complex weight for a real optimizer weight"
+    elif case == "meta-last":
+        bad = list(weights)
+        exc, message = TypeError, f"weight {n - 1} is a tensor on the meta device"
     else:
         bad = list(weights)
         bad[0] = bad[0] * 0 - 3 if case == "negative-iterations" else bad[0] + 0.5
         exc, message = ValueError, "iterations"
     # A real change in every other weight, so a half-applied call would show.
     bad = [w if i == 0 else w * 2 + 1 for i, w in enumerate(bad)]
+    if case == "meta-last":  # shape and dtype pass; only copying it could fail, after the others were written
+        bad[-1] = torch.empty(bad[-1].shape, device="meta")
     before, iterations = snapshot(opt, params), int(opt.iterations)
     with pytest.raises(exc, match=message):
         opt.set_weights(bad)

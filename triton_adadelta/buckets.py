@@ -265,6 +265,8 @@ class StateDict(_Counted, defaultdict):
         return entry
 
     def __setitem__(self, key: Any, value: Any) -> None:
+        if not isinstance(value, dict):
+            raise TypeError(f"the state of a parameter must be a dict, got {type(value).__name__}")
         if isinstance(value, StateEntry) and value.owner is None:
             value.owner = self  # an unpickled or copied entry
         elif isinstance(value, dict) and not (isinstance(value, StateEntry) and value.owner is self):

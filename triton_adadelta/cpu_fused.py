@@ -311,6 +311,8 @@ def _slot(p: Tensor, g: Tensor, st: dict[str, Tensor]) -> Optional[tuple[Tensor,
         return None
     if not (p.is_contiguous() and g.is_contiguous() and v.is_contiguous() and u.is_contiguous()):
         return None
+    if p.is_neg() or g.is_neg():  # lazily negated: the memory holds -value, which only torch's ops undo
+        return None
     if p.is_complex():
         if not g.is_complex():
             return None

@@ -343,6 +343,10 @@ def _load_pre_hook(opt: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
     return state_dict
 
 
+def _state_dict_post_hook(opt: Any, state_dict: dict[str, Any]) -> None:
+    opt._state_dict_extras(state_dict)
+
+
 def _load_post_hook(opt: Any) -> None:
     opt._unclaimed_slots.clear()  # loaded state is state Keras has created
     pending, opt._pending_keras = opt._pending_keras, None
@@ -427,6 +431,8 @@ class KerasOptimizerMixin:
         self._pending_keras: Optional[tuple] = None
         self.register_load_state_dict_pre_hook(_load_pre_hook)
         self.register_load_state_dict_post_hook(_load_post_hook)
+        # Our entries join state_dict() before any post-hook of the user's runs, so those hooks see them.
+        self.register_state_dict_post_hook(_state_dict_post_hook, prepend=True)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()  # type: ignore[misc]
@@ -449,14 +455,12 @@ class KerasOptimizerMixin:
         self._iterations_version = self._iterations._version
         self._keras_transient()
 
-    def state_dict(self) -> dict[str, Any]:
-        """torch's state_dict plus ``"keras"``: ``{"iterations": 0-d int64 tensor, "slot_names": [...]}``.
+    def _keras_state_dict_entry(self, sd: dict[str, Any]) -> None:
+        """Add ``"keras"``: ``{"iterations": 0-d int64 tensor, "slot_names": [...]}`` to a state_dict.
 
-        torch.optim.Adadelta ignores the extra entry when it loads this dict.
+        torch.optim.Adadelta ignores the extra entry when it loads the dict.
         """
-        sd = super().state_dict()  # type: ignore[misc]
         sd["keras"] = {"iterations": self._iterations.detach().clone(), "slot_names": list(self._user_slot_names)}
-        return sd
 
     # ------------------------------------------------------------------ hyperparameters as attributes
     def _set_all(self, key: str, value: Any) -> None:
@@ -730,9 +734,14 @@ class KerasOptimizerMixin:
                 raise TypeError("a complex weight for a real optimizer weight")
             values.append(t)
         iterations = _whole_number("iterations (the first weight)", values[0])
+        for i, t in enumerate(values[1:], 1):
+            if t.device.type == "meta":
+                raise TypeError(f"weight {i} is a tensor on the meta device, which holds no values")
+        # Every value on its weight's device and dtype before the first is written: a failure writes nothing.
+        values = [t.to(p.device, p.dtype) for p, t in zip(params[1:], values[1:])]
         with torch.no_grad():
-            for p, t in zip(params[1:], values[1:]):
-                p.copy_(t.to(p.device))
+            for p, t in zip(params[1:], values):
+                p.copy_(t)
         self.iterations = iterations
 
     def get_slot_names(self) -> list[str]:
@@ -887,7 +896,9 @@ class KerasOptimizerMixin:
             warnings.warn(f"Gradients do not exist for variables {missing} when minimizing the loss.",
                           UserWarning, stacklevel=2)
         known = {id(p) for g in self.param_groups for p in g["params"]}
-        self._adopt([v for _, v in present if id(v) not in known])
+        adopted = [v for _, v in present if id(v) not in known]
+        first_length = len(self.param_groups[0]["params"])
+        self._adopt(adopted)
 
         everything = [p for g in self.param_groups for p in g["params"]]
         saved = [p.grad for p in everything]
@@ -904,6 +915,9 @@ class KerasOptimizerMixin:
         except BaseException:
             del self._slot_log[log_length:]
             self._slot_logged = {id(p) for p, n in self._slot_log if n == "accum_grad"}
+            if not any(self.state.get(v) for v in adopted):  # refused before it wrote: unknown again
+                del self.param_groups[0]["params"][first_length:]
+                self._forget_plans()  # type: ignore[attr-defined]
             raise
         finally:
             for p, g in zip(everything, saved):
@@ -939,7 +953,11 @@ class KerasOptimizerMixin:
             var_list = var_list()
         if isinstance(var_list, Tensor):
             return [var_list]
-        return list(var_list)
+        out = list(var_list)
+        for i, v in enumerate(out):
+            if not isinstance(v, Tensor):
+                raise TypeError(f"var_list[{i}] is a {type(v).__name__}; the variables must be tensors")
+        return out
 
     def minimize(self, loss: Any, var_list: Any, grad_loss: Optional[Tensor] = None, name: Optional[str] = None,
                  tape: Any = None) -> Tensor:

@@ -98,6 +98,25 @@ def _copy_state(dst: Tensor, src: Tensor, name: str) -> None:
         dst.copy_(src)
 
 
+def _replacement(where: str, name: str, value: Any, view: Tensor) -> Tensor:
+    """A value a user put in ``state[p][name]``, checked against the flat buffers' ``view``, ready to copy."""
+    if name == "step":
+        validation.check_step_value(f"the state of {where}", value)
+        return value.detach().reshape(()) if isinstance(value, Tensor) else torch.tensor(float(value))
+    if not isinstance(value, Tensor):
+        raise TypeError(f"the state '{name}' of {where} was replaced by a {type(value).__name__}; expected a tensor")
+    if value.device.type == "meta" or value.layout != torch.strided:
+        raise TypeError(f"the state '{name}' of {where} was replaced by a {value.layout} tensor on {value.device}; "
+                        "expected a dense tensor with data")
+    if tuple(value.shape) != tuple(view.shape):
+        raise RuntimeError(f"the state '{name}' of {where} was replaced by a tensor of shape {tuple(value.shape)}, "
+                           f"but the parameter has shape {tuple(view.shape)}")
+    if not (value.is_floating_point() or value.is_complex()) and not (name == "master" and value.dtype == view.dtype):
+        raise TypeError(f"the state '{name}' of {where} was replaced by a tensor of dtype {value.dtype}; expected a "
+                        "floating point dtype")
+    return value.detach()
+
+
 _PLAIN = (Tensor, torch.nn.Parameter)
 _STRIDED = torch.strided
 
@@ -120,8 +139,8 @@ def _signature(param_groups: list[dict[str, Any]]) -> tuple[list[Tensor], Option
             if g.layout is not _STRIDED:
                 return grads, None
             grads.append(g)
-            entry = (id(p), type(p), p.dtype, p.shape, p.device, p.is_contiguous(),
-                     type(g), g.dtype, g.shape, g.device, g.is_contiguous())
+            entry = (id(p), type(p), p.dtype, p.shape, p.device, p.is_contiguous(), p.is_neg(),
+                     type(g), g.dtype, g.shape, g.device, g.is_contiguous(), g.is_neg())
             if type(p) not in _PLAIN or type(g) not in _PLAIN:
                 entry += _subclass_signature(p) + _subclass_signature(g)
             sig.append(entry)
@@ -150,6 +169,7 @@ class _Route(NamedTuple):
     reference: list[int]  # entries on the PyTorch path
     reference_groups: list[dict]  # the groups of those entries
     cpu: dict  # cpu_fused.settings() -> the fused CPU path's plan for the reference entries (made on first use)
+    params: list[Tensor]  # the parameters of the entries: the fused paths write them behind autograd's back
 
 
 class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
@@ -363,34 +383,29 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
                             if len(self.state.get(p, {})) == 0])
 
     @torch.no_grad()
-    def _adopt_replaced_state(self, group_params: list[tuple[dict, list[Tensor]]]) -> None:
+    def _adopt_replaced_state(self) -> None:
         """Copy state a user put in ``opt.state[p]`` in place of the flat buffers' views into them, and
         hand the views out again: torch's optimizers update whatever ``opt.state`` holds, so ours must
-        start from those values too. A tensor of another shape is an error that names it."""
-        for group, params in group_params:
-            for p in params:
+        start from those values too. Every replacement is checked before any is copied: one of another
+        shape, or that is not a tensor (or for ``step`` a one-element number), is an error naming it."""
+        pending = []
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
                 flat = self._flat_of(p)
                 st = self.state.get(p)
                 if flat is None or not st:
                     continue
                 replaced = flat.replaced(p, st)
-                if not replaced:
-                    continue
-                views = flat.views(p)
-                for name, value in replaced.items():
-                    if value is None:
-                        continue  # a missing name gets the view back
-                    if not isinstance(value, Tensor):
-                        value = torch.tensor(float(value))
-                    if name != "step" and tuple(value.shape) != tuple(views[name].shape):
-                        gi = next(i for i, g in enumerate(self.param_groups) if g is group)
-                        pi = next(i for i, q in enumerate(group["params"]) if q is p)
-                        raise RuntimeError(
-                            f"the state '{name}' of parameter {pi} of group {gi} was replaced by a tensor of "
-                            f"shape {tuple(value.shape)}, but the parameter has shape {tuple(views[name].shape)}"
-                        )
-                    _copy_state(views[name], value.detach().reshape(views[name].shape), name)
-                st.update(views)
+                if replaced:
+                    views = flat.views(p)
+                    where = f"parameter {pi} of group {gi}"
+                    values = {name: _replacement(where, name, value, views[name])
+                              for name, value in replaced.items() if value is not None}  # None: the view returns
+                    pending.append((p, views, values))
+        for p, views, values in pending:
+            for name, value in values.items():
+                _copy_state(views[name], value, name)
+            self.state[p].update(views)
 
     def _new_segments(self, pairs: list[tuple[dict, Tensor]]) -> None:
         """Give each ``(group, p)`` a zeroed segment in the flat state of its current key (and views in
@@ -481,7 +496,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         }
         saved_state = state_dict["state"]
 
-        previous = (self.state, self._flats, self.param_groups, self._skipped_steps)
+        previous = (self.state, self._flats, self.param_groups, self._skipped_steps, self._master_from_param)
         self.state = StateDict()
         self._master_from_param = []
         self._flats = {}
@@ -509,6 +524,8 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
                         if name in ("square_avg", "acc_delta", "master", "step") and name in st:
                             if not isinstance(value, Tensor):  # a Python number step (older torch)
                                 value = torch.tensor(float(value))
+                            elif name == "step":  # any one-element shape, as torch.optim loads it
+                                value = value.reshape(())
                             _copy_state(st[name], value.detach(), name)
                         else:
                             st[name] = deepcopy(value)
@@ -518,7 +535,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
                     self._skipped_steps = torch.as_tensor(state_dict["skipped_steps"]).detach().to(
                         dev, torch.int64, copy=True).reshape(())
         except BaseException:
-            self.state, self._flats, self.param_groups, self._skipped_steps = previous
+            self.state, self._flats, self.param_groups, self._skipped_steps, self._master_from_param = previous
             self._forget_plans()
             raise
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -548,7 +565,8 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         sdt = group["state_dtype"]
         if not (sdt is None or is_complex or sdt in _KERNEL_STATE_DTYPES):
             return False
-        return p.is_contiguous() and g.is_contiguous() and g.device == p.device
+        # A lazily negated tensor (is_neg(): its memory holds -value) is read right by torch's ops only.
+        return p.is_contiguous() and g.is_contiguous() and g.device == p.device and not (p.is_neg() or g.is_neg())
 
     @torch.no_grad()
     def _hyper_table(self, device: torch.device) -> Tensor:
@@ -645,9 +663,10 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         triples = [(gi, group, p) for gi, group in enumerate(self.param_groups) for p in group["params"]
                    if p.grad is not None]
         group_params = [(group, [p for _, gg, p in triples if gg is group]) for group in self.param_groups]
+        # Replaced state first: new segments below re-point every state entry at the (new) buffers.
+        self._adopt_replaced_state()
         self._follow_dtype_changes(group_params)
         self._ensure_state(group_params)
-        self._adopt_replaced_state(group_params)
         keys = self._route_keys([(gi, group, p, p.grad) for gi, group, p in triples])
         by_bucket: dict[tuple, list[int]] = defaultdict(list)
         reference = []
@@ -669,7 +688,8 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
             plain = all(type(p) in _PLAIN and type(p.grad) in _PLAIN and not p.is_complex() for p in params)
             buckets.append((bucket, idx, plan, plain))
         return _Route(self._route_context(), signature, triples, keys, buckets, reference,
-                      list({id(triples[i][1]): triples[i][1] for i in reference}.values()), {})
+                      list({id(triples[i][1]): triples[i][1] for i in reference}.values()), {},
+                      [p for _, _, p in triples])
 
     def _route_keys(self, entries: list[tuple[int, dict, Tensor, Tensor]]) -> list[Optional[tuple]]:
         """Per entry, its kernel bucket ``(flat state key, gradient dtype, stochastic)``, or None for the
@@ -727,8 +747,18 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         # Everything is checked before anything is written (metadata only: no synchronisation). The
         # per-tensor checks, new state and the routing run again only when the step's signature changes
         # (about 1 µs a tensor to read; gradients are new tensors each step, their metadata usually not).
+        for group in self.param_groups:
+            if not self.defaults.keys() <= group.keys():  # appended to param_groups, not by add_param_group
+                for k, v in self.defaults.items():
+                    group.setdefault(k, v)
         validation.check_step_groups(self.param_groups, grad_scale, found_inf)
-        grads, signature = _signature(self.param_groups)
+        if self.defaults["differentiable"]:
+            validation.check_differentiable(self.param_groups)
+        try:
+            grads, signature = _signature(self.param_groups)
+        except AttributeError:
+            validation.check_param_types(self.param_groups)  # names a non-tensor in a group's params
+            raise
         route = self._route
         if (signature is None or route is None or route.signature != signature
                 or route.context != self._route_context()):
@@ -746,7 +776,8 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         coefs = self._grad_transforms(entries, grad_scale, route.keys)
 
         if any(group["differentiable"] for group in self.param_groups):
-            with torch.enable_grad():
+            # As torch: the constructor's flag, not a group's, turns autograd on for the update.
+            with torch.set_grad_enabled(bool(self.defaults["differentiable"])):
                 self._step_torch(entries, coefs, grad_scale, found_inf)
         else:
             if route.buckets:
@@ -754,6 +785,9 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
             if route.reference:
                 self._step_reference([(i, entries[i]) for i in route.reference], coefs, grad_scale, found_inf,
                                      route, entries)
+            # The kernel and the fused CPU path write through pointers: tell autograd, as an in-place op
+            # would, so that a graph which saved a parameter before the step refuses to use it after.
+            torch.autograd.graph.increment_version(route.params)
         self._after_step(found_inf)
         return loss
 
@@ -766,10 +800,10 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
             return torch.zeros((), dtype=torch.int64)
         return self._skipped_steps
 
-    def state_dict(self) -> dict[str, Any]:
-        """torch's state_dict (per-parameter dicts copied, tensors shared as in torch), plus
-        ``"skipped_steps"`` once ``skip_nonfinite`` has checked a step."""
-        sd = super().state_dict()
+    def _state_dict_extras(self, sd: dict[str, Any]) -> None:
+        """Complete torch's state_dict (a state_dict post-hook that runs before the user's): per-parameter
+        dicts copied (tensors shared as in torch), plus ``"skipped_steps"`` once ``skip_nonfinite`` has
+        checked a step, and the Keras entry (keras.py)."""
         # torch hands out its live per-parameter dicts: editing the result would edit the optimizer.
         sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
         for entry in sd["state"].values():
@@ -780,7 +814,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
                     entry[name] = value.clone()
         if self._skipped_steps is not None:
             sd["skipped_steps"] = self._skipped_steps.clone()
-        return sd
+        self._keras_state_dict_entry(sd)
 
     def _nonfinite_found_inf(self, grads: list[Tensor], found_inf: Optional[Tensor]) -> Tensor:
         """The found_inf of this step: 1.0 when any gradient is non-finite (or ``found_inf`` is set).

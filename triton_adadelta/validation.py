@@ -48,15 +48,18 @@ STATE_DICT_EXTRA_KEYS = ("skipped_steps",)
 def _number(name: str, value: Any, allow_tensor: bool) -> Optional[float]:
     """The value as a float, None for a tensor whose value may not be read; TypeError for non-numbers."""
     if isinstance(value, Tensor):
-        if not allow_tensor:
-            return None
+        # Shape, dtype and device are metadata: checked even where the value may not be read (in step()).
         if value.is_complex() or value.dtype == torch.bool:
             raise TypeError(f"{name} must be a real number, got a tensor of dtype {value.dtype}")
         if value.numel() != 1:
             raise ValueError(f"Tensor {name} must be 1-element")
         if value.device.type == "meta":
+            if not allow_tensor:  # a step would compute with it
+                raise ValueError(f"Tensor {name} is on the meta device and holds no value")
             return None
-        return float(value.reshape(()))
+        if not allow_tensor:
+            return None
+        return float(value.detach().reshape(()))
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     return float(value)
@@ -113,6 +116,26 @@ def check_options(group: Mapping[str, Any]) -> None:
         raise RuntimeError("`fused` does not support `differentiable`")
     if group.get("fused") and group.get("foreach"):
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    decay = group.get("decay", 0.0)  # Keras' time decay of the learning rate
+    if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
+        raise TypeError(f"decay must be a number, got {type(decay).__name__} {decay!r}")
+    if not decay >= 0:  # NaN fails too
+        raise ValueError(f"Expected decay >= 0, received: {decay}")
+
+
+def check_master_dtypes(where: str, group: Mapping[str, Any], params: Iterable[Tensor]) -> None:
+    """master_weights='remainder' keeps the low halves of a float32 whose high half is a bfloat16
+    parameter: a float16 parameter has no such split (ValueError naming it)."""
+    if group.get("master_weights") != "remainder":
+        return
+    for i, p in enumerate(params):
+        if p.dtype == torch.float16:
+            raise _remainder_fp16_error(f"parameter {i} of {where}")
+
+
+def _remainder_fp16_error(where: str) -> ValueError:
+    return ValueError(f"{where} is float16: master_weights='remainder' needs bfloat16 parameters (the high half "
+                      "of a float32); use master_weights=True for float16")
 
 
 # ------------------------------------------------------------------------------------- parameters
@@ -173,9 +196,6 @@ def check_param_group(
             )
         if p.layout != torch.strided:
             raise TypeError(f"parameter {i} of the group has layout {p.layout}: only dense parameters are supported")
-        if merged.get("master_weights") == "remainder" and p.dtype == torch.float16:
-            raise ValueError(f"parameter {i} of the group is float16: master_weights='remainder' needs bfloat16 "
-                             "parameters (the high half of a float32); use master_weights=True for float16")
         if id(p) in seen:
             # torch only warns; with flat state the kernel would update the tensor twice in one launch.
             raise ValueError(
@@ -183,6 +203,7 @@ def check_param_group(
                 "each parameter may appear in a group once"
             )
         seen[id(p)] = i
+    check_master_dtypes("the group", merged, tensors)
     for gi, group in enumerate(existing_groups):
         for p in group["params"]:
             if id(p) in seen:
@@ -247,6 +268,24 @@ def check_step_groups(
         check_options(group)
 
 
+def check_differentiable(param_groups: list[dict[str, Any]]) -> None:
+    """With ``differentiable`` the update runs with autograd on, in place: a leaf parameter that requires
+    grad cannot be written so (torch's error, raised here before the step writes any state)."""
+    for group in param_groups:
+        for p in group["params"]:
+            if p.grad is not None and p.is_leaf and p.requires_grad:
+                raise RuntimeError("a leaf Variable that requires grad is being used in an in-place operation.")
+
+
+def check_param_types(param_groups: list[dict[str, Any]]) -> None:
+    """Every entry of every group's ``params`` is a tensor (a list edited by hand may hold anything)."""
+    for gi, group in enumerate(param_groups):
+        for pi, p in enumerate(group["params"]):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"parameter {pi} of group {gi} is a {type(p).__name__}: optimizer can only "
+                                "optimize Tensors")
+
+
 def check_step_tensors(param_groups: list[dict[str, Any]], state: Mapping[Tensor, dict[str, Any]]) -> None:
     """The part of :func:`check_step` that looks at parameters, gradients and state (metadata only)."""
     # A lean pass that only detects trouble (about a microsecond a tensor), and the slow pass, which
@@ -255,6 +294,7 @@ def check_step_tensors(param_groups: list[dict[str, Any]], state: Mapping[Tensor
     n = 0
     strided, fp32, low, ok_dtypes = torch.strided, torch.float32, _LOW_PRECISION, PARAM_DTYPES
     for group in param_groups:
+        no_fp16 = group.get("master_weights") == "remainder"
         for p in group["params"]:
             seen.add(id(p))
             n += 1
@@ -263,7 +303,8 @@ def check_step_tensors(param_groups: list[dict[str, Any]], state: Mapping[Tensor
                 continue
             pdt, gdt, pshape, pdev = p.dtype, g.dtype, p.shape, p.device
             if (g.layout is not strided or pdt not in ok_dtypes or g.shape != pshape or g.device != pdev
-                    or (gdt is not pdt and not (gdt is fp32 and pdt in low))):
+                    or (gdt is not pdt and not (gdt is fp32 and pdt in low))
+                    or (no_fp16 and pdt is torch.float16)):
                 _explain_step_error(param_groups, state)
             st = state.get(p)
             if st:
@@ -303,6 +344,8 @@ def _explain_step_error(param_groups: list[dict[str, Any]], state: Mapping[Tenso
             if not _allowed_grad_dtype(p, g):
                 extra = " or torch.float32" if p.dtype in _LOW_PRECISION else ""
                 raise TypeError(f"the gradient of {where} has dtype {g.dtype}; expected {p.dtype}{extra}")
+            if group.get("master_weights") == "remainder" and p.dtype == torch.float16:
+                raise _remainder_fp16_error(where)  # (turned float16 after the group was checked)
             st = state.get(p)
             if st:
                 v = st.get("square_avg")
@@ -332,7 +375,7 @@ def _check_slot(where: str, name: str, value: Any, p: Tensor) -> None:
         raise TypeError(f"{where}: '{name}' has dtype {value.dtype}; expected a floating point dtype")
 
 
-def _check_step_value(where: str, value: Any) -> None:
+def check_step_value(where: str, value: Any) -> None:
     if isinstance(value, Tensor):
         if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
             raise TypeError(f"{where}: 'step' must be a one-element real tensor or a number, got "
@@ -391,6 +434,7 @@ def check_state_dict(
         merged.update({k: v for k, v in sg.items() if k != "params"})
         check_hyperparameters(**{k: merged[k] for k in ("lr", "rho", "eps", "weight_decay") if k in merged})
         check_options(merged)
+        check_master_dtypes(f"group {gi}", merged, g["params"])
         if merged.get("fused"):
             for p in g["params"]:
                 why = device_ok(p.device)
@@ -428,11 +472,11 @@ def check_state_dict(
             raise ValueError(f"{where}: missing state keys {missing}")
         for name, value in entry.items():
             if name == "step":
-                _check_step_value(where, value)
+                check_step_value(where, value)
             elif name in ("square_avg", "acc_delta", "master"):
                 _check_slot(where, name, value, p)
     if "skipped_steps" in state_dict:
-        _check_step_value("loaded state dict, skipped_steps", state_dict["skipped_steps"])
+        check_step_value("loaded state dict, skipped_steps", state_dict["skipped_steps"])
     return merged_groups
 
 

@@ -1,0 +1,282 @@
+"""What code written against torch.optim.Adadelta relies on beyond the numbers, on every CPU-testable path.
+
+Each test runs on the reference path (``fused=False``), the fused CPU path and the Triton kernel
+(in the interpreter on CPU), and compares with torch.optim.Adadelta where torch has an answer.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from conftest import KERNEL_DEVICE, needs_kernel
+from helpers import make_params, random_grads, set_grads
+
+from triton_adadelta import Adadelta, cpu_fused
+
+PATHS = ["reference", "cpu-fused", pytest.param("kernel", marks=needs_kernel)]
+
+
+def _use_path(path, monkeypatch):
+    """(device, fused) for one of the three paths."""
+    if path == "cpu-fused":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        monkeypatch.setattr(cpu_fused, "MIN_NUMEL", 0)
+        return "cpu", None
+    return (KERNEL_DEVICE, True) if path == "kernel" else ("cpu", False)
+
+
+def _pair(shapes, device, fused, seed=0, **kw):
+    """Our optimizer and torch's on identical parameters."""
+    ours = [p.requires_grad_() for p in make_params(shapes, torch.float32, device, seed=seed)]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    return Adadelta(ours, fused=fused, **kw), ours, torch.optim.Adadelta(theirs, **kw), theirs
+
+
+def _close(a, b):
+    torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_step_bumps_the_parameters_version_like_an_in_place_op(path, monkeypatch):
+    """A graph that saved a parameter before the step refuses a backward after it, as with torch."""
+    device, fused = _use_path(path, monkeypatch)
+    for cls, kw in ((torch.optim.Adadelta, {}), (Adadelta, {"fused": fused})):
+        w = torch.randn(6, device=device, requires_grad=True)
+        x = torch.randn(6, device=device, requires_grad=True)
+        opt = cls([w], **kw)
+        w.grad = torch.randn(6, device=device)
+        loss = (w * x).sum()  # saves w for x's gradient
+        before = w._version
+        opt.step()
+        assert w._version > before, cls
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_lazily_negated_gradients_and_parameters_are_read_as_their_values(path, monkeypatch):
+    device, fused = _use_path(path, monkeypatch)
+    opt, ours, ref, theirs = _pair([(9,), (4, 5)], device, fused, lr=0.5, weight_decay=0.1)
+    for step in range(3):
+        grads = random_grads(ours, seed=step)
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad = (-g)._neg_view()  # holds -g in memory, reads as g
+            assert p.grad.is_neg()
+            q.grad = g.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        _close(p, q)
+    # A parameter that is itself a negated view: updated through it, as torch's in-place ops do.
+    base = torch.randn(7, device=device)
+    p = base._neg_view().requires_grad_()
+    q = p.detach().clone().requires_grad_()
+    assert p.is_neg() and p.is_leaf
+    opt, ref = Adadelta([p], fused=fused), torch.optim.Adadelta([q])
+    for _ in range(2):
+        g = torch.randn(7, device=device)
+        p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    _close(p, q)
+    _close(opt.state[p]["acc_delta"], ref.state[q]["acc_delta"])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_group_appended_to_param_groups_trains_like_torch(path, monkeypatch):
+    """torch's own keys are enough for a group put straight into ``param_groups``; ours get the defaults."""
+    device, fused = _use_path(path, monkeypatch)
+    opt, ours, ref, theirs = _pair([(5,), (3,)], device, fused, seed=3)
+    del opt.param_groups[0]["params"][1], ref.param_groups[0]["params"][1]
+    extra = dict(lr=0.3, rho=0.8, eps=1e-6, weight_decay=0.01, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, fused=None)
+    opt.param_groups.append(dict(params=[ours[1]], **extra))
+    ref.param_groups.append(dict(params=[theirs[1]], **extra))
+    for step in range(3):
+        grads = random_grads(ours, seed=10 + step)
+        set_grads(ours, grads)
+        set_grads(theirs, grads)
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        _close(p, q)
+    assert opt.param_groups[1]["state_dtype"] == torch.float32  # the constructor's defaults filled in
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_replaced_state_is_kept_when_another_parameter_gets_state_in_the_same_step(path, monkeypatch):
+    """New state elsewhere reallocates the flat buffers; a tensor the user put in state[p] is still read."""
+    device, fused = _use_path(path, monkeypatch)
+    opt, ours, ref, theirs = _pair([(3,), (4,), (5,)], device, fused, seed=4)
+    for o, ps in ((opt, ours), (ref, theirs)):
+        ps[0].grad = torch.full((3,), 0.5, device=device)
+        o.step()
+    value = torch.full((3,), 4.6, device=device)
+    opt.state[ours[0]]["square_avg"] = value.clone()
+    ref.state[theirs[0]]["square_avg"] = value.clone()
+    for step in range(2):  # the first of these gives parameters 1 and 2 their first state
+        grads = random_grads(ours, seed=20 + step)
+        set_grads(ours, grads)
+        set_grads(theirs, grads)
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        _close(p, q)
+        _close(opt.state[p]["square_avg"], ref.state[q]["square_avg"])
+
+
+def test_state_dict_post_hooks_see_and_may_drop_our_entries():
+    w = torch.randn(3, requires_grad=True)
+    opt = Adadelta([w], skip_nonfinite=True)
+    w.grad = torch.ones(3)
+    opt.step()
+    seen = []
+
+    def trim(optimizer, sd):
+        seen.append(sorted(sd))
+        return {k: sd[k] for k in ("state", "param_groups")}
+
+    opt.register_state_dict_post_hook(trim)
+    assert sorted(opt.state_dict()) == ["param_groups", "state"]
+    assert seen == [["keras", "param_groups", "skipped_steps", "state"]]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_torch_state_dict_with_a_one_element_step_shape_loads(path, monkeypatch):
+    device, fused = _use_path(path, monkeypatch)
+    opt, ours, ref, theirs = _pair([(6,), (2, 3)], device, fused, seed=5)
+    for step in range(2):
+        set_grads(theirs, random_grads(theirs, seed=30 + step))
+        ref.step()
+    sd = copy.deepcopy(ref.state_dict())
+    for st in sd["state"].values():
+        st["step"] = st["step"].reshape(1)  # torch.optim loads and steps with this shape
+    ref.load_state_dict(sd)
+    with torch.no_grad():
+        for p, q in zip(ours, theirs):
+            p.copy_(q)
+    opt.load_state_dict(sd)
+    assert float(opt.state[ours[0]]["step"]) == 2.0
+    grads = random_grads(ours, seed=40)
+    set_grads(ours, grads)
+    set_grads(theirs, grads)
+    opt.step()
+    ref.step()
+    for p, q in zip(ours, theirs):
+        _close(p, q)
+
+
+def test_failed_load_keeps_the_pending_master_refresh(monkeypatch):
+    """After a torch.optim state_dict, master weights are re-read from the parameter at the next step;
+    a later load that fails (and rolls back) must leave that pending."""
+    import triton_adadelta.optimizer as optimizer_module
+
+    tp = torch.nn.Parameter(torch.randn(8).to(torch.bfloat16))
+    topt = torch.optim.Adadelta([tp])
+    tp.grad = torch.ones(8, dtype=torch.bfloat16)
+    topt.step()
+    torch_sd = topt.state_dict()
+    new_weights = torch.randn(8).to(torch.bfloat16)
+    results = []
+    for failed_load in (False, True):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(8).to(torch.bfloat16))
+        opt = Adadelta([p], master_weights=True, fused=False)
+        p.grad = torch.ones(8, dtype=torch.bfloat16)
+        opt.step()
+        opt.load_state_dict(copy.deepcopy(torch_sd))
+        with torch.no_grad():
+            p.copy_(new_weights)  # the model checkpoint, loaded after the optimizer's
+        if failed_load:
+            own = copy.deepcopy(opt.state_dict())
+
+            def failing_copy(dst, src, name):
+                raise RuntimeError("injected copy failure")
+
+            monkeypatch.setattr(optimizer_module, "_copy_state", failing_copy)
+            with pytest.raises(RuntimeError, match="injected"):
+                opt.load_state_dict(own)  # our own state_dict: it has a master, so it queues no refresh
+            monkeypatch.undo()
+        p.grad = torch.full((8,), 0.1, dtype=torch.bfloat16)
+        opt.step()
+        results.append((p.detach().clone(), opt.state[p]["master"].clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("route", ["dtype-change", "group-edit", "load_state_dict"])
+def test_remainder_master_weights_refuse_float16_by_every_route(route):
+    """The constructor refuses float16 with master_weights='remainder'; so does every later way in."""
+    p = torch.nn.Parameter(torch.randn(8).to(torch.bfloat16))
+    if route == "dtype-change":
+        opt = Adadelta([p], master_weights="remainder")
+        p.grad = torch.ones(8, dtype=torch.bfloat16)
+        opt.step()
+        p.data = p.data.half()
+        p.grad = torch.ones(8, dtype=torch.float16)
+    else:
+        p.data = p.data.half()
+        opt = Adadelta([p])
+        p.grad = torch.ones(8, dtype=torch.float16)
+        opt.step()
+    before = (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+    if route == "load_state_dict":
+        sd = copy.deepcopy(opt.state_dict())
+        sd["param_groups"][0]["master_weights"] = "remainder"
+        with pytest.raises(ValueError, match="parameter 0 of group 0 is float16: master_weights='remainder'"):
+            opt.load_state_dict(sd)
+    else:
+        if route == "group-edit":
+            opt.param_groups[0]["master_weights"] = "remainder"
+        with pytest.raises(ValueError, match="parameter 0 of group 0 is float16: master_weights='remainder'"):
+            opt.step()
+    assert torch.equal(p.detach(), before[0])
+    for k, v in before[1].items():
+        assert torch.equal(opt.state[p][k], v), k
+
+
+def test_differentiable_with_leaf_parameters_fails_before_writing_state():
+    """torch fails in the update itself (after writing state); ours names the same error before."""
+    p = torch.randn(4, requires_grad=True)
+    opt = Adadelta([p], differentiable=True)
+    p.grad = torch.ones(4)
+    with pytest.raises(RuntimeError, match="a leaf Variable that requires grad is being used in an in-place"):
+        opt.step()
+    assert not opt.state[p]
+    q = torch.randn(4, requires_grad=True)
+    ref = torch.optim.Adadelta([q], differentiable=True)
+    q.grad = torch.ones(4)
+    with pytest.raises(RuntimeError, match="a leaf Variable that requires grad is being used in an in-place"):
+        ref.step()
+
+
+def test_differentiable_set_on_a_group_later_follows_torch():
+    """torch turns autograd on from the constructor's flag only: a group edited later still steps."""
+    a, b = torch.randn(4, requires_grad=True), torch.randn(3, requires_grad=True)
+    a2, b2 = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    opt = Adadelta([{"params": [a]}, {"params": [b]}], fused=False)
+    ref = torch.optim.Adadelta([{"params": [a2]}, {"params": [b2]}])
+    opt.param_groups[1]["differentiable"] = ref.param_groups[1]["differentiable"] = True
+    for p, q in ((a, a2), (b, b2)):
+        p.grad = torch.ones(p.shape)
+        q.grad = torch.ones(q.shape)
+    opt.step()
+    ref.step()
+    _close(a, a2)
+    _close(b, b2)
+
+
+def test_a_state_entry_must_be_a_dict():
+    p = torch.randn(3, requires_grad=True)
+    opt = Adadelta([p])
+    with pytest.raises(TypeError, match="the state of a parameter must be a dict, got str"):
+        opt.state[p] = "garbage"
+    assert p not in opt.state
+
+
+def test_tensor_lr_that_requires_grad_gives_no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Adadelta([torch.randn(3, requires_grad=True)], lr=torch.tensor(0.5, requires_grad=True))
