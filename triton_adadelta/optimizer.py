@@ -139,7 +139,8 @@ def _signature(param_groups: list[dict[str, Any]]) -> tuple[list[Tensor], Option
             if g.layout is not _STRIDED:
                 return grads, None
             grads.append(g)
-            entry = (id(p), type(p), p.dtype, p.shape, p.device, p.is_contiguous(), p.is_neg(),
+            # (A parameter's negation bit is read when the route is built: it changes only with p.data.)
+            entry = (id(p), type(p), p.dtype, p.shape, p.device, p.is_contiguous(),
                      type(g), g.dtype, g.shape, g.device, g.is_contiguous(), g.is_neg())
             if type(p) not in _PLAIN or type(g) not in _PLAIN:
                 entry += _subclass_signature(p) + _subclass_signature(g)
