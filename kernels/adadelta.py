@@ -4,7 +4,7 @@ One launch updates every tensor of a bucket. Program ``pid`` handles one block o
 elements of one tensor: ``chunk_tensor[pid]`` names the tensor and ``chunk_block[pid]`` the
 block inside it. Parameter and gradient addresses come from int64 pointer tables (the pattern of
 Triton's grouped-GEMM tutorial); the optimizer state lives in two flat buffers addressed by
-``state_offsets``. Hyperparameters are read per tensor from a small table indexed by its param
+the state-offset column of ``tensor_meta``. Hyperparameters are read per tensor from a small table indexed by its param
 group, so param groups never split a launch.
 
 Every element is read once (p, g, square_avg, acc_delta) and written once (p, square_avg,

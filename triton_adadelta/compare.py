@@ -53,7 +53,7 @@ class GPTConfig:
 # name: (context, width, layers, heads, batch)
 SIZES: dict[str, tuple[int, int, int, int, int]] = {
     "tiny": (32, 48, 2, 4, 8),  # ~60K parameters: for tests
-    "small": (64, 192, 4, 6, 16),  # ~1.8M parameters: the default, a few minutes on two CPU cores
+    "small": (64, 192, 4, 6, 16),  # ~1.8M parameters: the default, under a minute on two CPU cores
     "medium": (128, 384, 6, 6, 32),  # ~10.7M parameters: a GPU, or patience
 }
 

@@ -21,7 +21,8 @@ Why it is shaped this way:
   tensors: a first version compiled the update with ``torch.compile`` and paid ~100 µs of
   TorchDynamo host time per call, a quarter of the step on a 24M-parameter model.
 * The C source is compiled once per machine (under a second with ``cc -O3 -march=native -fopenmp``)
-  and cached on disk (``TRITON_ADADELTA_CACHE_DIR``, default ``~/.cache/triton_adadelta``), keyed by
+  and cached on disk (``TRITON_ADADELTA_CACHE_DIR``, default ``$XDG_CACHE_HOME/triton_adadelta``, else
+  ``~/.cache/triton_adadelta``), keyed by
   the source, the compiler flags and the CPU; later processes only load it. Without OpenMP it is
   built single-threaded, without a C compiler the path is off (one warning) and the reference runs.
 * Arithmetic is IEEE float32 with every operation rounded once (no FMA contraction, no fast-math):
@@ -31,7 +32,7 @@ Why it is shaped this way:
   whichever thread owns it.
 
 The path is used for contiguous CPU tensors when ``fused`` is not False, without stochastic
-rounding, master weights or ``differentiable``, and when the step's eligible tensors hold at least
+rounding, master weights, ``differentiable`` or ``capturable``, and when the step's eligible tensors hold at least
 :data:`MIN_NUMEL` elements in all; anything else stays on the reference path.
 """
 

@@ -183,8 +183,9 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
 
     Args beyond torch's:
         fused: ``None`` picks the Triton kernel for CUDA tensors (and CPU tensors under
-            ``TRITON_INTERPRET=1``), the PyTorch path otherwise; ``True`` insists on the kernel;
-            ``False`` never uses it.
+            ``TRITON_INTERPRET=1``), the PyTorch path otherwise (with its fused CPU path for CPU
+            tensors); ``True`` insists on a fused path (the kernel, or on CPU the fused CPU path);
+            ``False`` uses neither.
         state_dtype: dtype of square_avg and acc_delta; float32 by default for every parameter
             dtype (bf16 parameters with fp32 state). ``None`` means the parameter's dtype, as torch.
             float64 and complex parameters always keep state of their own precision.

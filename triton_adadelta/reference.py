@@ -1,7 +1,8 @@
 """The Adadelta update written once in plain PyTorch.
 
-This module is both the CPU path of :class:`triton_adadelta.Adadelta` and the oracle that every
-test compares the fused Triton kernel against. For one tensor and its gradient ``g``::
+This module is both the PyTorch path of :class:`triton_adadelta.Adadelta` (on CPU, for what the
+fused CPU path does not take) and the oracle that every test compares the fused paths against.
+For one tensor and its gradient ``g``::
 
     g  = clip_coef * clamp(g / grad_scale, -clip_value, clip_value)   (each optional)
     g  = -g if maximize

@@ -169,7 +169,7 @@ def check_param_group(
     Contract: a dict with ``params``: tensors (or (name, tensor) pairs) of a dtype in
     :data:`PARAM_DTYPES`, leaves unless ``differentiable``, each once, none already in
     ``existing_groups``; hyperparameters and options valid once merged with ``defaults``; with
-    ``fused=True`` every parameter on a device the kernel can run on (``device_ok`` returns None,
+    ``fused=True`` every parameter on a device a fused path can run on (``device_ok`` returns None,
     or the reason it cannot).
     """
     if not isinstance(param_group, dict):
