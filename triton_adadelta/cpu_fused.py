@@ -22,9 +22,9 @@ Why it is shaped this way:
   TorchDynamo host time per call, a quarter of the step on a 24M-parameter model.
 * The C source is compiled once per machine (under a second with ``cc -O3 -march=native -fopenmp``)
   and cached on disk (``TRITON_ADADELTA_CACHE_DIR``, default ``$XDG_CACHE_HOME/triton_adadelta``, else
-  ``~/.cache/triton_adadelta``), keyed by
-  the source, the compiler flags and the CPU; later processes only load it. Without OpenMP it is
-  built single-threaded, without a C compiler the path is off (one warning) and the reference runs.
+  ``~/.cache/triton_adadelta``), keyed by the source, the compiler flags and the CPU; later processes
+  only load it. Without OpenMP it is built single-threaded, without a C compiler the path is off (one
+  warning) and the reference runs.
 * Arithmetic is IEEE float32 with every operation rounded once (no FMA contraction, no fast-math):
   the same arithmetic as the Triton kernel. Hyperparameters travel as float32, which is how torch
   rounds a Python scalar for a float32 operation.
