@@ -196,12 +196,14 @@ def _update_block(
 
 
 @triton.jit
-def _stream_id(P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, MASTER: tl.constexpr):
-    """A number below 64 for the (parameter dtype, state dtype, master) of a flat state, so flat states
-    whose element indices overlap draw different random words. optimizer._rng_stream mirrors it."""
+def _stream_id(P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr):
+    """A number below 16 for the (parameter dtype, state dtype) of a flat state, so flat states whose
+    element indices overlap draw different random words. optimizer._rng_stream mirrors it. (A group
+    has one master mode per parameter dtype, and both modes follow the same float32 trajectory: they
+    share the stream.)"""
     p_code: tl.constexpr = 0 if P_DTYPE == tl.float32 else (1 if P_DTYPE == tl.bfloat16 else 2)
     s_code: tl.constexpr = 0 if S_DTYPE == tl.float32 else (1 if S_DTYPE == tl.bfloat16 else 2)
-    return p_code + 4 * s_code + 16 * MASTER
+    return p_code + 4 * s_code
 
 
 @triton.jit
@@ -255,7 +257,7 @@ def adadelta_kernel(
     if STOCHASTIC:
         # Philox key: low word the tensor's step count (a fresh stream every step), high word the
         # group's seed and the flat state's stream id; reference.PhiloxStream builds the same key.
-        stream = _stream_id(P_DTYPE, square_avg.dtype.element_ty, MASTER)
+        stream = _stream_id(P_DTYPE, square_avg.dtype.element_ty)
         key1 = tl.load(hyper + row + HYPER_SEED).to(tl.int64) * 64 + stream
         seed = key1 * 4294967296 + tl.load(steps + step_slot).to(tl.int64)
 

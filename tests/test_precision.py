@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -740,3 +741,127 @@ def test_step_with_scaler_has_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("fused", PATHS)
+def test_remainder_and_master_share_the_stochastic_rounding_stream(fused):
+    """With stochastic rounding of bf16 state, both master modes still follow one float32 trajectory."""
+    dev = _device(fused)
+    params = make_params([(257,), (4, 6)], torch.bfloat16, dev, seed=3)
+    twins = [p.clone() for p in params]
+    kw = dict(fused=fused, lr=0.5, stochastic_rounding=True, state_dtype=torch.bfloat16)
+    rem_opt = Adadelta(params, master_weights="remainder", **kw)
+    master_opt = Adadelta(twins, master_weights=True, **kw)
+    master_opt.param_groups[0]["seed"] = rem_opt.param_groups[0]["seed"]
+    for step in range(3):
+        grads = random_grads(params, seed=40 + step)
+        set_grads(params, grads)
+        set_grads(twins, grads)
+        rem_opt.step()
+        master_opt.step()
+    for p, t in zip(params, twins):
+        assert torch.equal(join_remainder(p, rem_opt.state[p]["master"]), master_opt.state[t]["master"])
+        assert torch.equal(rem_opt.state[p]["square_avg"], master_opt.state[t]["square_avg"])
+
+
+def _switch_run(fused, dev, before: dict, after: dict, drop_master: bool):
+    """Steps with ``before`` settings, then the group edited to ``after``; and the same with a state_dict
+    round trip into an optimizer built with ``after`` instead of the edit. Both must agree bit for bit."""
+    params = make_params([(33,), (5, 3)], torch.bfloat16, dev, seed=8)
+    twins = [p.clone() for p in params]
+    edited = Adadelta(params, fused=fused, lr=0.01, **before)
+    first = Adadelta(twins, fused=fused, lr=0.01, **before)
+    for step in range(6):
+        grads = random_grads(params, seed=60 + step)
+        if step == 3:
+            edited.param_groups[0].update(after)
+            sd = copy.deepcopy(first.state_dict())
+            if drop_master:
+                for st in sd["state"].values():
+                    st.pop("master", None)
+            sd["param_groups"][0].update(after)  # a load takes the saved groups' settings
+            first = Adadelta(twins, fused=fused, lr=0.01, **after)
+            first.load_state_dict(sd)
+        set_grads(params, grads)
+        set_grads(twins, grads)
+        edited.step()
+        first.step()
+    for p, t in zip(params, twins):
+        assert torch.equal(p, t)
+        assert set(edited.state[p]) == set(first.state[t])
+        for k in edited.state[p]:
+            assert torch.equal(edited.state[p][k], first.state[t][k]), k
+    return edited, params
+
+
+@pytest.mark.parametrize("fused", PATHS)
+def test_master_weights_and_state_dtype_edited_between_steps_take_effect(fused):
+    dev = _device(fused)
+    opt, params = _switch_run(fused, dev, {}, {"master_weights": True}, drop_master=False)
+    assert opt.state[params[0]]["master"].dtype == torch.float32
+    opt, params = _switch_run(fused, dev, {"master_weights": True}, {"master_weights": False}, drop_master=True)
+    assert "master" not in opt.state[params[0]]
+    opt.load_state_dict(opt.state_dict())  # its own state_dict loads (no stale master entry)
+    opt, params = _switch_run(fused, dev, {}, {"state_dtype": torch.bfloat16}, drop_master=False)
+    assert opt.state[params[0]]["square_avg"].dtype == torch.bfloat16
+
+
+def _pending_master_opt():
+    """master_weights=True loaded from a torch.optim.Adadelta state_dict, then the model loaded."""
+    tp = torch.nn.Parameter(torch.randn(8).to(torch.bfloat16))
+    topt = torch.optim.Adadelta([tp])
+    tp.grad = torch.ones(8, dtype=torch.bfloat16)
+    topt.step()
+    p = torch.nn.Parameter(torch.zeros(8, dtype=torch.bfloat16))  # a fresh init, unlike the checkpoint
+    opt = Adadelta([p], master_weights=True, fused=False)
+    opt.load_state_dict(topt.state_dict())
+    with torch.no_grad():
+        p.copy_(tp)  # the model checkpoint, loaded after the optimizer's
+    return opt, p, tp.detach().clone()
+
+
+@pytest.mark.parametrize("how", ["state_dict", "deepcopy", "pickle"])
+def test_a_master_due_from_the_parameter_survives_checkpoints_and_copies(how):
+    opt, p, weights = _pending_master_opt()
+    if how == "state_dict":
+        sd = opt.state_dict()
+        assert "master" not in sd["state"][0]  # not a value yet: taken from the parameter after loading
+        q = torch.nn.Parameter(torch.zeros(8, dtype=torch.bfloat16))
+        opt = Adadelta([q], master_weights=True, fused=False)
+        opt.load_state_dict(copy.deepcopy(sd))
+        with torch.no_grad():
+            q.copy_(weights)
+        p = q
+    else:
+        opt = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+        p = opt.param_groups[0]["params"][0]
+    p.grad = torch.zeros(8, dtype=torch.bfloat16)
+    opt.step()  # a zero gradient: the weights stay the loaded ones
+    assert torch.equal(p.detach(), weights)
+    assert torch.equal(opt.state[p]["master"], weights.float())
+
+
+@pytest.mark.parametrize("fused", PATHS)
+def test_stochastic_rounding_resumes_exactly_after_a_state_reset(fused):
+    """A reset parameter's state is created anew at the end of its flat state, and listed last by
+    state_dict(), so a load lays the segments out as they were (the random words follow offsets)."""
+    dev = _device(fused)
+
+    def run(resume: bool):
+        params = make_params([(64,), (64,), (64,)], torch.bfloat16, dev, seed=9)
+        opt = Adadelta(params, fused=fused, stochastic_rounding=True, lr=0.5)
+        opt.param_groups[0]["seed"] = 1234
+        for step in range(5):
+            if step == 2:
+                opt.state[params[0]] = {}
+            if step == 3 and resume:
+                sd = copy.deepcopy(opt.state_dict())
+                params = [p.detach().clone().requires_grad_() for p in params]
+                opt = Adadelta(params, fused=fused, stochastic_rounding=True, lr=0.5)
+                opt.load_state_dict(sd)
+            set_grads(params, random_grads(params, seed=70 + step))
+            opt.step()
+        return params
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)

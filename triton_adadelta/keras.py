@@ -298,7 +298,7 @@ def _dtype_name(dtype: Optional[torch.dtype]) -> Optional[str]:
     return None if dtype is None else str(dtype).replace("torch.", "")
 
 
-def _dtype_from_name(name: str) -> torch.dtype:
+def dtype_from_name(name: str) -> torch.dtype:
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype name {name!r} in the config")
@@ -323,6 +323,16 @@ def _load_pre_hook(opt: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
     Its contents are checked here and applied by :func:`_load_post_hook`, once the load succeeded.
     """
     opt._pending_keras = None
+    groups = state_dict.get("param_groups")
+    if isinstance(groups, (list, tuple)) and any(isinstance(g, Mapping) and "iterations" in g for g in groups):
+        # Our state_dict() copies iterations into every group, where torch.distributed.checkpoint,
+        # which keeps only "state" and "param_groups", carries it. It is no setting of the groups.
+        state_dict = dict(state_dict)
+        first = next(g for g in groups if isinstance(g, Mapping) and "iterations" in g)
+        state_dict["param_groups"] = [{k: v for k, v in g.items() if k != "iterations"} if isinstance(g, Mapping)
+                                      else g for g in groups]
+        if "keras" not in state_dict:
+            state_dict["keras"] = {"iterations": first["iterations"], "slot_names": []}
     if "keras" not in state_dict:
         return state_dict
     state_dict = dict(state_dict)
@@ -566,6 +576,8 @@ class KerasOptimizerMixin:
         decay = group.get("decay", 0.0)
         if self._lr_schedule is None and not decay:
             return group["lr"]
+        if getattr(self, "_lr_zeroed", False):  # a first step with every lr set to 0 (see step())
+            return 0.0
         step = self._step_count(group)
         if self._lr_schedule is None:
             lr = group["lr"]
@@ -1029,7 +1041,7 @@ class KerasOptimizerMixin:
         if isinstance(config.get("learning_rate"), Mapping):
             config["learning_rate"] = deserialize_schedule(config["learning_rate"], custom_objects)
         if isinstance(config.get("state_dtype"), str):
-            config["state_dtype"] = _dtype_from_name(config["state_dtype"])
+            config["state_dtype"] = dtype_from_name(config["state_dtype"])
         if "epsilon" in config and "eps" not in config:
             if any(k in config for k in cls._OUR_CONFIG_KEYS):
                 config["eps"] = config.pop("epsilon")  # our config holds the resolved eps, which may be 0

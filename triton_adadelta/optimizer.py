@@ -27,7 +27,7 @@ from .buckets import (
     upload,
     upload_into,
 )
-from .keras import EPS_DEFAULT, LR_DEFAULT, KerasOptimizerMixin, resolve_arguments
+from .keras import EPS_DEFAULT, LR_DEFAULT, KerasOptimizerMixin, dtype_from_name, resolve_arguments
 from .reference import PhiloxStream, adadelta_update_, real_view
 
 __all__ = ["Adadelta"]
@@ -70,7 +70,9 @@ def _rng_stream(group: dict[str, Any], key: StateKey) -> int:
     Flat states number their elements from 0 each, so the id keeps their random words apart. The
     device is deliberately not part of it: data-parallel replicas then round identically and stay equal.
     """
-    stream = _DTYPE_CODE[key.param_dtype] + 4 * _DTYPE_CODE[key.state_dtype] + 16 * int(key.master)
+    # The master mode is not part of it: one group has one mode per parameter dtype, and the two
+    # master modes (the same float32 trajectory) then draw the same words for the same tensors.
+    stream = _DTYPE_CODE[key.param_dtype] + 4 * _DTYPE_CODE[key.state_dtype]
     return int(group["seed"]) * 64 + stream
 
 
@@ -118,6 +120,7 @@ def _replacement(where: str, name: str, value: Any, view: Tensor) -> Tensor:
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+_FLAT_NAMES = frozenset(("step", "square_avg", "acc_delta", "master"))  # state that lives in a FlatState
 _STRIDED = torch.strided
 
 
@@ -337,14 +340,21 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
     # ----------------------------------------------------------------------------- pickling
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
+        # The state entries of flat-backed parameters hold views of the flat buffers, which travel in
+        # _flats; __setstate__ hands the views out again. (A DTensor over a view at an offset cannot be
+        # pickled at all, so FSDP2 state must not travel as such views.)
+        state["state"] = {p: {k: v for k, v in st.items() if k not in _FLAT_NAMES or self._flat_of(p) is None}
+                          for p, st in self.state.items()}
         state["_flats"] = self._flats
         state["_skipped_steps"] = self._skipped_steps
+        state["_master_from_param"] = list(self._master_from_param)  # due at the next step
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_flats", {})
         self.__dict__.setdefault("_skipped_steps", None)
+        self.__dict__.setdefault("_master_from_param", [])
         self._plans = {}
         self._hyper = {}
         self._route = None
@@ -432,23 +442,27 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
             if flat is None:
                 flat = self._flats[key] = FlatState(key)
             flat.add(params)
+            for p in params:  # state_dict() lists state in opt.state's order, load_state_dict lays the
+                self.state[p] = self.state.pop(p, {})  # segments out in it: keep it the segments' order
             flat.rebind(self.state)
         self._forget_plans()
 
     @torch.no_grad()
-    def _follow_dtype_changes(self, group_params: list[tuple[dict, list[Tensor]]]) -> None:
-        """Move the state of parameters whose dtype changed since it was made to their new flat state.
+    def _follow_key_changes(self, group_params: list[tuple[dict, list[Tensor]]]) -> None:
+        """Move the state of parameters whose flat-state key changed since it was made to the new one.
 
-        ``p.data = p.data.to(dtype)`` (what ``model.to(dtype)`` does) keeps the parameter object and its
-        state; torch then goes on updating it with that state. Here the flat state is keyed by the
-        parameter dtype, and the kernel reads the parameter as its key's dtype, so the state moves:
-        values cast to the new state dtype, step counts kept, master weights kept where both keys have
-        float32 ones (a new master starts from the parameter). The other flat states are compacted.
+        The key is (device, parameter dtype, state dtype, master mode). ``p.data = p.data.to(dtype)``
+        (what ``model.to(dtype)`` does) keeps the parameter object and its state, and torch goes on
+        updating it with that state; a group's ``state_dtype`` or ``master_weights`` edited between
+        steps asks for another layout of the same state. The kernel reads the parameter as its key's
+        dtype, so the state moves: values cast to the new state dtype, step counts kept, master
+        weights kept where both keys have float32 ones (a new master starts from the parameter; a
+        remainder from zero). The other flat states are compacted.
         """
         moves = [
             (group, p) for group, params in group_params for p in params
             if self.state.get(p) and (flat := self._flat_of(p)) is not None
-            and flat.key.param_dtype != _real_dtype(local(p))
+            and flat.key != self._state_key(group, local(p))
         ]
         if not moves:
             return
@@ -489,6 +503,9 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
                 state_dict = out
         if "param_groups" in state_dict:  # the saved settings must not alias the caller's (a tensor lr, say)
             state_dict["param_groups"] = deepcopy(state_dict["param_groups"])
+            for sg in state_dict["param_groups"]:
+                if isinstance(sg, dict) and isinstance(sg.get("state_dtype"), str):
+                    sg["state_dtype"] = dtype_from_name(sg["state_dtype"])
         new_groups = validation.check_state_dict(state_dict, self.param_groups, self._state_names,
                                                  self._kernel_unavailable)
         group_of = {id(p): g for g in new_groups for p in g["params"]}
@@ -667,7 +684,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         group_params = [(group, [p for _, gg, p in triples if gg is group]) for group in self.param_groups]
         # Replaced state first: new segments below re-point every state entry at the (new) buffers.
         self._adopt_replaced_state()
-        self._follow_dtype_changes(group_params)
+        self._follow_key_changes(group_params)
         self._ensure_state(group_params)
         keys = self._route_keys([(gi, group, p, p.grad) for gi, group, p in triples])
         by_bucket: dict[tuple, list[int]] = defaultdict(list)
@@ -754,6 +771,11 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
                 for k, v in self.defaults.items():
                     group.setdefault(k, v)
         validation.check_step_groups(self.param_groups, grad_scale, found_inf)
+        # torch.distributed.checkpoint makes the state of a fresh optimizer with one step at lr 0 (and
+        # zero gradients) that must change no parameter; a Keras schedule would otherwise replace that lr.
+        self._lr_zeroed = (self._lr_schedule is not None
+                           and all(not isinstance(g["lr"], Tensor) and g["lr"] == 0 for g in self.param_groups)
+                           and not any(self.state.values()))
         if self.defaults["differentiable"]:
             validation.check_differentiable(self.param_groups)
         try:
@@ -811,9 +833,25 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         for entry in sd["state"].values():
             for name, value in entry.items():
                 # Complex state is a complex view of a real flat buffer that real parameters share;
-                # torch.save refuses one storage seen as two dtypes, so such entries are copied.
-                if isinstance(value, Tensor) and value.is_complex() and not is_dtensor(value):
+                # torch.save refuses one storage seen as two dtypes, so such entries are copied. A
+                # DTensor over a view at an offset into a buffer cannot be pickled or deep-copied at all
+                # (torch 2.11-2.13: "invalid python storage"), so sharded state is copied too.
+                if isinstance(value, Tensor) and (is_dtensor(value) or value.is_complex()):
                     entry[name] = value.clone()
+        # Group settings are plain values (torch.distributed.checkpoint refuses a torch.dtype), and
+        # carry the counters outside the state: DCP keeps only "state" and "param_groups".
+        iterations = self._step_count()
+        iterations = iterations.detach().clone() if isinstance(iterations, Tensor) else int(iterations)
+        for g in sd["param_groups"]:
+            if isinstance(g.get("state_dtype"), torch.dtype):
+                g["state_dtype"] = str(g["state_dtype"]).replace("torch.", "")
+            g["iterations"] = iterations
+        if self._master_from_param:
+            # A master still due to be taken from its parameter (after a torch.optim state_dict) is not
+            # a value yet: saved without it, it is taken from the parameter after this dict's load too.
+            index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+            for p in self._master_from_param:
+                sd["state"].get(index.get(id(p)), {}).pop("master", None)
         if self._skipped_steps is not None:
             sd["skipped_steps"] = self._skipped_steps.clone()
         self._keras_state_dict_entry(sd)
