@@ -293,6 +293,77 @@ def _run_example(rank, name, code, port, tmp):
     return ns, workdir
 
 
+def _scenario_checkpoint_forms(rank, tmp):
+    """The other ways a sharded optimizer is saved: torch.save / deepcopy of its state_dict and of the
+    optimizer itself, a gathered full state_dict, and a DCP round trip that restores Keras' iterations
+    (decay reads them) and in which DCP's template step leaves a schedule-driven model alone."""
+    import copy
+    import io
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        get_state_dict,
+        set_state_dict,
+    )
+
+    from triton_adadelta import Adadelta
+    from triton_adadelta.keras import ExponentialDecay
+
+    kwargs = dict(lr=0.8, rho=0.85, decay=0.3, fused=False)
+    model = _shard(_build())
+    opt = Adadelta(model.parameters(), **kwargs)
+    _train(model, opt, 3, rank)
+    saved = _snapshot(model, opt)
+
+    for copied in (copy.deepcopy(opt.state_dict()), _roundtrip(opt.state_dict())):
+        fresh = Adadelta(model.parameters(), **kwargs)
+        fresh.load_state_dict(copied)
+        assert int(fresh.iterations) == 3
+        for name, p in model.named_parameters():
+            for key in ("square_avg", "acc_delta", "step"):
+                torch.testing.assert_close(_full(fresh.state[p][key]), saved[f"{name}.{key}"], rtol=0, atol=0)
+    buf = io.BytesIO()
+    torch.save(opt, buf)  # the optimizer object itself
+    assert buf.tell() > 0
+    full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+    for name, _ in model.named_parameters():
+        torch.testing.assert_close(full["state"][name]["square_avg"], saved[f"{name}.square_avg"], rtol=0, atol=0)
+
+    path = os.path.join(tmp, "dcp-forms")
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    _train(model, opt, 3, rank, first=3)
+    model2 = _shard(_build(seed=321))
+    opt2 = Adadelta(model2.parameters(), **kwargs)
+    model_sd2, optim_sd2 = get_state_dict(model2, opt2)  # makes opt2's state with a step at lr 0
+    ckpt = {"model": model_sd2, "optim": optim_sd2}
+    dcp.load(ckpt, checkpoint_id=path)
+    set_state_dict(model2, opt2, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optim"])
+    assert int(opt2.iterations) == 3  # decay goes on from the saved count, not from the template step's
+    _train(model2, opt2, 3, rank, first=3)
+    final, final2 = _snapshot(model, opt), _snapshot(model2, opt2)
+    for key in final:
+        torch.testing.assert_close(final2[key], final[key], rtol=0, atol=0, msg=lambda m, k=key: f"{k}: {m}")
+
+    model3 = _shard(_build(seed=7))
+    opt3 = Adadelta(model3.parameters(), learning_rate=ExponentialDecay(0.5, 2, 0.5), weight_decay=0.1, fused=False)
+    before = {n: _full(p.detach()).clone() for n, p in model3.named_parameters()}
+    get_state_dict(model3, opt3)
+    for n, p in model3.named_parameters():
+        assert torch.equal(_full(p.detach()), before[n]), n
+
+
+def _roundtrip(sd):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
 def _worker(rank: int, port: int, example_ports: dict, tmp: str) -> None:
     os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors: the kernel runs in the interpreter
     # These ranks are CPU-only (gloo), also on a GPU machine, where the docs examples would pick NCCL.
@@ -319,6 +390,7 @@ def _worker(rank: int, port: int, example_ports: dict, tmp: str) -> None:
         run("ddp-global_clipnorm", _scenario_ddp, rank, False, dict(global_clipnorm=0.05))
         run("dcp-fused", _scenario_dcp, rank, tmp, True)
         run("dcp-pytorch", _scenario_dcp, rank, tmp, False)
+        run("checkpoint-forms", _scenario_checkpoint_forms, rank, tmp)
     finally:
         dist.destroy_process_group()
 
@@ -389,6 +461,10 @@ def test_ddp_equals_single_process(outcomes, name):
 @pytest.mark.parametrize("path", ["fused", "pytorch"])
 def test_dcp_save_load_continues_identically(outcomes, path):
     _check(outcomes, f"dcp-{path}")
+
+
+def test_sharded_state_saves_in_every_form_and_dcp_keeps_iterations(outcomes):
+    _check(outcomes, "checkpoint-forms")
 
 
 @pytest.mark.parametrize("name", ["fsdp2", "ddp"])
