@@ -27,3 +27,19 @@ needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 @pytest.fixture
 def kernel_device() -> str:
     return KERNEL_DEVICE
+
+
+# The three paths a CPU-only machine can test: the reference (fused=False), the fused CPU path and
+# the Triton kernel (in the interpreter).
+CPU_PATHS = ["reference", "cpu-fused", pytest.param("kernel", marks=needs_kernel)]
+
+
+def use_path(path: str, monkeypatch) -> tuple:
+    """(device, fused) that route a test's tensors to ``path`` (one of :data:`CPU_PATHS`)."""
+    if path == "cpu-fused":
+        from triton_adadelta import cpu_fused
+
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        monkeypatch.setattr(cpu_fused, "MIN_NUMEL", 0)
+        return "cpu", None
+    return (KERNEL_DEVICE, True) if path == "kernel" else ("cpu", False)

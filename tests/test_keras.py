@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import KERNEL_DEVICE, needs_gpu, needs_kernel
+from conftest import CPU_PATHS, KERNEL_DEVICE, needs_gpu, needs_kernel, use_path
 from helpers import bf16_ulp
 
 from triton_adadelta import Adadelta, clipping
@@ -865,23 +865,9 @@ def test_docs_migration_example_runs():
 
 
 # ============================================================================== Keras details found by review
-ALL_PATHS = ["reference", "cpu-fused", pytest.param("kernel", marks=needs_kernel)]
-
-
-def _use_path(path, monkeypatch):
-    """(device, fused) for one of the three CPU-testable paths."""
-    if path == "cpu-fused":
-        from triton_adadelta import cpu_fused
-
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-        monkeypatch.setattr(cpu_fused, "MIN_NUMEL", 0)
-        return "cpu", None
-    return (KERNEL_DEVICE, True) if path == "kernel" else ("cpu", False)
-
-
-@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("path", CPU_PATHS)
 def test_get_weights_is_a_snapshot_that_set_weights_restores(path, monkeypatch):
-    dev, fused = _use_path(path, monkeypatch)
+    dev, fused = use_path(path, monkeypatch)
     params = _make([(5,), (3, 3)], torch.float32, dev, seed=40)
     opt = Adadelta(params, fused=fused)
     for step in range(3):
@@ -899,10 +885,10 @@ def test_get_weights_is_a_snapshot_that_set_weights_restores(path, monkeypatch):
         assert np.array_equal(_np(w), e)
 
 
-@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("path", CPU_PATHS)
 def test_zero_argument_callable_learning_rate_is_read_every_step(path, monkeypatch):
     """Keras calls a callable that is not a LearningRateSchedule with no arguments, each step."""
-    dev, fused = _use_path(path, monkeypatch)
+    dev, fused = use_path(path, monkeypatch)
     box = [0.7]
     params = _make(SHAPES[:2], torch.float32, dev, seed=43)
     values = {i: _np(p) for i, p in enumerate(params)}
@@ -944,10 +930,10 @@ def test_get_config_turns_numpy_numbers_into_json():
     assert again.rho == float(np.float32(0.9)) and again.clipnorm == 1.5
 
 
-@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("path", CPU_PATHS)
 def test_add_slot_creates_adadelta_slots_from_the_initializer(path, monkeypatch):
     """As in Keras: a slot created by add_slot before the first apply starts from its initializer."""
-    dev, fused = _use_path(path, monkeypatch)
+    dev, fused = use_path(path, monkeypatch)
     (v,) = _make([(6,)], torch.float32, dev, seed=60)
     values = {0: _np(v)}
     opt = Adadelta([v], learning_rate=0.5, rho=0.9, epsilon=1e-6, fused=fused)
@@ -971,9 +957,9 @@ def test_add_slot_creates_adadelta_slots_from_the_initializer(path, monkeypatch)
     _close(opt.get_slot(v, "accum_var"), oracle.accum_var[0], torch.float32, "accum_var after add_slot")
 
 
-@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("path", CPU_PATHS)
 def test_weights_follow_the_order_of_the_first_apply(path, monkeypatch):
-    dev, fused = _use_path(path, monkeypatch)
+    dev, fused = use_path(path, monkeypatch)
     a, b, c = _make([(3,), (2,), (4,)], torch.float32, dev, seed=70)
     opt = Adadelta([a, b, c], fused=fused)
     oracle = KerasAdadelta()

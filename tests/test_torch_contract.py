@@ -11,21 +11,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import KERNEL_DEVICE, needs_kernel
+from conftest import CPU_PATHS, use_path
 from helpers import make_params, random_grads, set_grads
 
-from triton_adadelta import Adadelta, cpu_fused
+from triton_adadelta import Adadelta
 
-PATHS = ["reference", "cpu-fused", pytest.param("kernel", marks=needs_kernel)]
-
-
-def _use_path(path, monkeypatch):
-    """(device, fused) for one of the three paths."""
-    if path == "cpu-fused":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-        monkeypatch.setattr(cpu_fused, "MIN_NUMEL", 0)
-        return "cpu", None
-    return (KERNEL_DEVICE, True) if path == "kernel" else ("cpu", False)
+PATHS = CPU_PATHS
 
 
 def _pair(shapes, device, fused, seed=0, **kw):
@@ -35,6 +26,16 @@ def _pair(shapes, device, fused, seed=0, **kw):
     return Adadelta(ours, fused=fused, **kw), ours, torch.optim.Adadelta(theirs, **kw), theirs
 
 
+def _steps_both(opt, ours, ref, theirs, seeds) -> None:
+    """One step of each optimizer per seed, on the same random gradients."""
+    for seed in seeds:
+        grads = random_grads(ours, seed=seed)
+        set_grads(ours, grads)
+        set_grads(theirs, grads)
+        opt.step()
+        ref.step()
+
+
 def _close(a, b):
     torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), rtol=1e-5, atol=1e-6)
 
@@ -42,7 +43,7 @@ def _close(a, b):
 @pytest.mark.parametrize("path", PATHS)
 def test_step_bumps_the_parameters_version_like_an_in_place_op(path, monkeypatch):
     """A graph that saved a parameter before the step refuses a backward after it, as with torch."""
-    device, fused = _use_path(path, monkeypatch)
+    device, fused = use_path(path, monkeypatch)
     for cls, kw in ((torch.optim.Adadelta, {}), (Adadelta, {"fused": fused})):
         w = torch.randn(6, device=device, requires_grad=True)
         x = torch.randn(6, device=device, requires_grad=True)
@@ -58,7 +59,7 @@ def test_step_bumps_the_parameters_version_like_an_in_place_op(path, monkeypatch
 
 @pytest.mark.parametrize("path", PATHS)
 def test_lazily_negated_gradients_and_parameters_are_read_as_their_values(path, monkeypatch):
-    device, fused = _use_path(path, monkeypatch)
+    device, fused = use_path(path, monkeypatch)
     opt, ours, ref, theirs = _pair([(9,), (4, 5)], device, fused, lr=0.5, weight_decay=0.1)
     for step in range(3):
         grads = random_grads(ours, seed=step)
@@ -88,19 +89,14 @@ def test_lazily_negated_gradients_and_parameters_are_read_as_their_values(path, 
 @pytest.mark.parametrize("path", PATHS)
 def test_a_group_appended_to_param_groups_trains_like_torch(path, monkeypatch):
     """torch's own keys are enough for a group put straight into ``param_groups``; ours get the defaults."""
-    device, fused = _use_path(path, monkeypatch)
+    device, fused = use_path(path, monkeypatch)
     opt, ours, ref, theirs = _pair([(5,), (3,)], device, fused, seed=3)
     del opt.param_groups[0]["params"][1], ref.param_groups[0]["params"][1]
     extra = dict(lr=0.3, rho=0.8, eps=1e-6, weight_decay=0.01, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None)
     opt.param_groups.append(dict(params=[ours[1]], **extra))
     ref.param_groups.append(dict(params=[theirs[1]], **extra))
-    for step in range(3):
-        grads = random_grads(ours, seed=10 + step)
-        set_grads(ours, grads)
-        set_grads(theirs, grads)
-        opt.step()
-        ref.step()
+    _steps_both(opt, ours, ref, theirs, seeds=range(10, 13))
     for p, q in zip(ours, theirs):
         _close(p, q)
     assert opt.param_groups[1]["state_dtype"] == torch.float32  # the constructor's defaults filled in
@@ -109,7 +105,7 @@ def test_a_group_appended_to_param_groups_trains_like_torch(path, monkeypatch):
 @pytest.mark.parametrize("path", PATHS)
 def test_replaced_state_is_kept_when_another_parameter_gets_state_in_the_same_step(path, monkeypatch):
     """New state elsewhere reallocates the flat buffers; a tensor the user put in state[p] is still read."""
-    device, fused = _use_path(path, monkeypatch)
+    device, fused = use_path(path, monkeypatch)
     opt, ours, ref, theirs = _pair([(3,), (4,), (5,)], device, fused, seed=4)
     for o, ps in ((opt, ours), (ref, theirs)):
         ps[0].grad = torch.full((3,), 0.5, device=device)
@@ -117,12 +113,7 @@ def test_replaced_state_is_kept_when_another_parameter_gets_state_in_the_same_st
     value = torch.full((3,), 4.6, device=device)
     opt.state[ours[0]]["square_avg"] = value.clone()
     ref.state[theirs[0]]["square_avg"] = value.clone()
-    for step in range(2):  # the first of these gives parameters 1 and 2 their first state
-        grads = random_grads(ours, seed=20 + step)
-        set_grads(ours, grads)
-        set_grads(theirs, grads)
-        opt.step()
-        ref.step()
+    _steps_both(opt, ours, ref, theirs, seeds=(20, 21))  # the first gives parameters 1 and 2 their first state
     for p, q in zip(ours, theirs):
         _close(p, q)
         _close(opt.state[p]["square_avg"], ref.state[q]["square_avg"])
@@ -146,7 +137,7 @@ def test_state_dict_post_hooks_see_and_may_drop_our_entries():
 
 @pytest.mark.parametrize("path", PATHS)
 def test_torch_state_dict_with_a_one_element_step_shape_loads(path, monkeypatch):
-    device, fused = _use_path(path, monkeypatch)
+    device, fused = use_path(path, monkeypatch)
     opt, ours, ref, theirs = _pair([(6,), (2, 3)], device, fused, seed=5)
     for step in range(2):
         set_grads(theirs, random_grads(theirs, seed=30 + step))
@@ -160,11 +151,7 @@ def test_torch_state_dict_with_a_one_element_step_shape_loads(path, monkeypatch)
             p.copy_(q)
     opt.load_state_dict(sd)
     assert float(opt.state[ours[0]]["step"]) == 2.0
-    grads = random_grads(ours, seed=40)
-    set_grads(ours, grads)
-    set_grads(theirs, grads)
-    opt.step()
-    ref.step()
+    _steps_both(opt, ours, ref, theirs, seeds=(40,))
     for p, q in zip(ours, theirs):
         _close(p, q)
 
