@@ -267,3 +267,120 @@ def test_tensor_lr_that_requires_grad_gives_no_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Adadelta([torch.randn(3, requires_grad=True)], lr=torch.tensor(0.5, requires_grad=True))
+
+
+def _reset_and_realloc(opt, p, q, r, trigger):
+    """q's state is reset and q takes no part in the next step, which reallocates the flat buffers."""
+    p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
+    opt.step()
+    opt.state[q] = {}
+    q.grad = None
+    if trigger == "another-reset":
+        opt.state[p] = {}
+    elif trigger == "add_param_group":
+        opt.add_param_group({"params": [r]})
+    r.grad = torch.ones_like(r)
+    opt.step()
+
+
+@pytest.mark.parametrize("trigger", ["first-state-elsewhere", "another-reset", "add_param_group"])
+@pytest.mark.parametrize("path", PATHS)
+def test_a_reset_state_stays_empty_when_buffers_move(path, trigger, monkeypatch):
+    """torch keeps a reset parameter's state empty until its next gradient; so must a reallocation."""
+    device, fused = use_path(path, monkeypatch)
+    results = []
+    for cls, kw in ((torch.optim.Adadelta, {}), (Adadelta, {"fused": fused})):
+        p, q, r = (torch.ones(n, device=device, requires_grad=True) for n in (3, 2, 4))
+        opt = cls([p, q] if trigger == "add_param_group" else [p, q, r], **kw)
+        _reset_and_realloc(opt, p, q, r, trigger)
+        assert not opt.state.get(q), cls  # still empty
+        q.grad = torch.full_like(q, 0.5)
+        opt.step()
+        results.append((float(opt.state[q]["step"]), q.detach().clone()))
+    assert results[0][0] == results[1][0] == 1.0  # started again from zero
+    _close(results[1][1], results[0][1])
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("path", PATHS)
+def test_copies_keep_resets_and_replaced_state(path, how, monkeypatch):
+    """A copy made between a state edit and the next step holds the edit, as torch's copy does."""
+    import pickle
+
+    device, fused = use_path(path, monkeypatch)
+
+    def copied(opt):
+        return copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+
+    for cls, kw in ((torch.optim.Adadelta, {}), (Adadelta, {"fused": fused})):
+        p, q = torch.ones(3, device=device, requires_grad=True), torch.ones(2, device=device, requires_grad=True)
+        opt = cls([p, q], **kw)
+        p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
+        opt.step()
+        opt.state[q] = {}
+        opt.state[p]["square_avg"] = torch.full((3,), 4.5, device=device)
+        twin = copied(opt)
+        tp, tq = twin.param_groups[0]["params"]
+        assert not twin.state.get(tq), cls
+        assert torch.equal(twin.state[tp]["square_avg"], torch.full((3,), 4.5, device=device)), cls
+        tp.grad, tq.grad = torch.ones_like(tp), torch.ones_like(tq)
+        twin.step()
+        assert float(twin.state[tq]["step"]) == 1.0 and float(twin.state[tp]["step"]) == 2.0, cls
+        assert torch.allclose(twin.state[tp]["square_avg"], torch.full((3,), 0.9 * 4.5 + 0.1, device=device)), cls
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_state_given_before_the_first_step_is_stepped_from(path, monkeypatch):
+    """opt.state[p] = {...} for a parameter that never had state: torch steps from it; so do we."""
+    device, fused = use_path(path, monkeypatch)
+    opt, ours, ref, theirs = _pair([(5,), (3,)], device, fused, seed=6)
+    given = {"step": torch.tensor(4.0), "square_avg": torch.full((5,), 0.3, device=device),
+             "acc_delta": torch.full((5,), 0.02, device=device)}
+    opt.state[ours[0]] = {k: v.clone() for k, v in given.items()}
+    ref.state[theirs[0]] = {k: v.clone() for k, v in given.items()}
+    _steps_both(opt, ours, ref, theirs, seeds=(50, 51))
+    for p, q in zip(ours, theirs):
+        _close(p, q)
+        _close(opt.state[p]["square_avg"], ref.state[q]["square_avg"])
+    assert float(opt.state[ours[0]]["step"]) == 6.0
+    # A given tensor of the wrong shape is refused before anything changes.
+    (fresh,) = make_params([(4,)], torch.float32, device, seed=7)
+    fresh.requires_grad_()
+    opt.add_param_group({"params": [fresh]})
+    opt.state[fresh] = {"step": torch.tensor(1.0), "square_avg": torch.zeros(4, device=device),
+                        "acc_delta": torch.zeros(9, device=device)}
+    fresh.grad = torch.ones(4, device=device)
+    before = [p.detach().clone() for p in ours]
+    with pytest.raises(RuntimeError, match=r"'acc_delta' of parameter 0 of group 1 .* shape \(9,\)"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(ours, before))
+
+
+def test_a_group_appended_directly_survives_a_state_dict_round_trip_before_its_first_step():
+    opt, ours, ref, theirs = _pair([(5,), (3,)], "cpu", False, seed=8)
+    for o, ps in ((opt, ours), (ref, theirs)):
+        del o.param_groups[0]["params"][1]
+        o.param_groups.append(dict(params=[ps[1]], lr=0.5, rho=0.9, eps=1e-6, weight_decay=0.0, foreach=None,
+                                   maximize=False, capturable=False, differentiable=False, fused=None))
+        o.load_state_dict(copy.deepcopy(o.state_dict()))
+    _steps_both(opt, ours, ref, theirs, seeds=(60, 61))
+    for p, q in zip(ours, theirs):
+        _close(p, q)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_empty_complex_parameter_pickles(path, monkeypatch):
+    """A 0-element parameter's state views have no address; they are views all the same."""
+    import io
+
+    device, fused = use_path(path, monkeypatch)
+    p = torch.zeros(0, dtype=torch.complex64, device=device, requires_grad=True)
+    q = torch.randn(5, device=device, requires_grad=True)
+    opt = Adadelta([p, q], fused=fused)
+    p.grad, q.grad = torch.zeros_like(p), torch.ones_like(q)
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    _close(again.state[again.param_groups[0]["params"][1]]["square_avg"], opt.state[q]["square_avg"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
@@ -394,16 +395,22 @@ class FlatState:
             value = entry.get(name)
             if isinstance(value, Tensor):
                 t = local(value)
+                if t.numel() == 0 and name != "step" and value.shape == p.shape:
+                    continue  # an empty segment has no address to compare, and no value to take up
                 if (t.data_ptr() == buf.data_ptr() + off * buf.element_size()
                         and t.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()):
                     continue  # a view of the segment (ours, or made from ours)
             out[name] = value
         return out
 
-    def rebind(self, state: dict) -> None:
-        """Point ``state[p]`` of every parameter of this flat state at the current buffers."""
+    def rebind(self, state: dict, new: Iterable[Tensor] = ()) -> None:
+        """Point ``state[p]`` at the current buffers for every parameter of this flat state that has
+        state, and for the ``new`` ones. An emptied entry (a reset: ``state[p] = {}``) stays empty, as
+        in torch, until a step gives the parameter new state."""
+        new_ids = {id(p) for p in new}
         for p in self.params:
-            state[p].update(self.views(p))
+            if state.get(p) or id(p) in new_ids:
+                state[p].update(self.views(p))
 
 
 class LaunchPlan:

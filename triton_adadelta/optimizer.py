@@ -343,8 +343,19 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         # The state entries of flat-backed parameters hold views of the flat buffers, which travel in
         # _flats; __setstate__ hands the views out again. (A DTensor over a view at an offset cannot be
         # pickled at all, so FSDP2 state must not travel as such views.)
-        state["state"] = {p: {k: v for k, v in st.items() if k not in _FLAT_NAMES or self._flat_of(p) is None}
-                          for p, st in self.state.items()}
+        # A value a user put in place of a view (not yet taken up by a step) travels as it is, and an
+        # emptied (reset) entry stays empty: only the entries listed in _flat_bound get views back.
+        entries, bound = {}, []
+        for p, st in self.state.items():
+            flat = self._flat_of(p)
+            if flat is None or not st:
+                entries[p] = dict(st)
+                continue
+            replaced = flat.replaced(p, st)
+            entries[p] = {k: v for k, v in st.items() if k not in _FLAT_NAMES or k in replaced}
+            bound.append(p)
+        state["state"] = entries
+        state["_flat_bound"] = bound
         state["_flats"] = self._flats
         state["_skipped_steps"] = self._skipped_steps
         state["_master_from_param"] = list(self._master_from_param)  # due at the next step
@@ -363,8 +374,18 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         for group in self.param_groups:
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
-        for flat in self._flats.values():
-            flat.rebind(self.state)
+        bound = self.__dict__.pop("_flat_bound", None)
+        if bound is None:  # pickled by an older version: its entries hold the views
+            for flat in self._flats.values():
+                flat.rebind(self.state)
+        else:
+            bound_ids = {id(p) for p in bound}
+            for flat in self._flats.values():
+                for p in flat.params:
+                    if id(p) in bound_ids:
+                        entry = self.state[p]
+                        for name, view in flat.views(p).items():
+                            entry.setdefault(name, view)  # a user's value stays, for the next step to adopt
 
     # ----------------------------------------------------------------------------- state
     def _state_key(self, group: dict[str, Any], p: Tensor) -> StateKey:
@@ -393,6 +414,23 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         """
         self._new_segments([(group, p) for group, params in group_params for p in params
                             if len(self.state.get(p, {})) == 0])
+        # State a user gave a parameter that had none (opt.state[p] = {...} before its first step):
+        # a segment, then the given values (checked by _adopt_replaced_state) copied into it.
+        given = [(group, p) for group, params in group_params for p in params
+                 if self.state.get(p) and self._flat_of(p) is None]
+        if given:
+            values = {id(p): {k: v for k, v in self.state[p].items() if k in _FLAT_NAMES} for _, p in given}
+            for _, p in given:
+                for k in values[id(p)]:
+                    del self.state[p][k]
+            self._new_segments(given)
+            for _, p in given:
+                views = self._flat_of(p).views(p)
+                for name, value in values[id(p)].items():
+                    if name in views:
+                        value = value.reshape(()) if name == "step" and isinstance(value, Tensor) else value
+                        _copy_state(views[name], value if isinstance(value, Tensor) else torch.tensor(float(value)),
+                                    name)
 
     @torch.no_grad()
     def _adopt_replaced_state(self) -> None:
@@ -405,7 +443,13 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
             for pi, p in enumerate(group["params"]):
                 flat = self._flat_of(p)
                 st = self.state.get(p)
-                if flat is None or not st:
+                if not st:
+                    continue
+                if flat is None:  # state given before the first step: checked here, taken up by _ensure_state
+                    if p.grad is not None:
+                        for name in ("step", "square_avg", "acc_delta"):
+                            if name in st:
+                                _replacement(f"parameter {pi} of group {gi}", name, st[name], p)
                     continue
                 replaced = flat.replaced(p, st)
                 if replaced:
@@ -444,7 +488,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
             flat.add(params)
             for p in params:  # state_dict() lists state in opt.state's order, load_state_dict lays the
                 self.state[p] = self.state.pop(p, {})  # segments out in it: keep it the segments' order
-            flat.rebind(self.state)
+            flat.rebind(self.state, new=params)
         self._forget_plans()
 
     @torch.no_grad()
@@ -479,6 +523,14 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
             if "master" in st and "master" in old and st["master"].dtype == old["master"].dtype == torch.float32:
                 local(st["master"]).copy_(old["master"])
 
+    def _fill_group_defaults(self) -> None:
+        """A group appended to ``param_groups`` directly (not by add_param_group) has torch's keys only,
+        which is enough for torch: it gets the constructor's values of ours."""
+        for group in self.param_groups:
+            if not self.defaults.keys() <= group.keys():
+                for k, v in self.defaults.items():
+                    group.setdefault(k, v)
+
     def _forget_plans(self) -> None:
         """Drop every cached launch plan, table and route: the flat states or the groups changed."""
         self._plans.clear()
@@ -496,6 +548,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        self._fill_group_defaults()
         state_dict = dict(state_dict)
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             out = pre_hook(self, state_dict)
@@ -766,10 +819,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         # Everything is checked before anything is written (metadata only: no synchronisation). The
         # per-tensor checks, new state and the routing run again only when the step's signature changes
         # (about 1 µs a tensor to read; gradients are new tensors each step, their metadata usually not).
-        for group in self.param_groups:
-            if not self.defaults.keys() <= group.keys():  # appended to param_groups, not by add_param_group
-                for k, v in self.defaults.items():
-                    group.setdefault(k, v)
+        self._fill_group_defaults()
         validation.check_step_groups(self.param_groups, grad_scale, found_inf)
         # torch.distributed.checkpoint makes the state of a fresh optimizer with one step at lr 0 (and
         # zero gradients) that must change no parameter; a Keras schedule would otherwise replace that lr.
