@@ -270,7 +270,7 @@ class StateDict(_Counted, defaultdict):
             raise TypeError(f"the state of a parameter must be a dict, got {type(value).__name__}")
         if isinstance(value, StateEntry) and value.owner is None:
             value.owner = self  # an unpickled or copied entry
-        elif isinstance(value, dict) and not (isinstance(value, StateEntry) and value.owner is self):
+        elif not (isinstance(value, StateEntry) and value.owner is self):
             value = StateEntry(self, value)  # a plain dict from the user (or another's entry): tracked from now on
         super().__setitem__(key, value)
 

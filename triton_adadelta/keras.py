@@ -184,9 +184,11 @@ def _takes_step(schedule: Callable) -> bool:
     return True
 
 
-def schedule_value(schedule: Callable, step: Union[int, Tensor]) -> Union[float, Tensor]:
-    """The learning rate a schedule (or a Keras zero-argument callable) gives at ``step``."""
-    return schedule(step) if _takes_step(schedule) else schedule()
+def schedule_value(schedule: Callable, step: Union[int, Tensor],
+                   takes_step: Optional[bool] = None) -> Union[float, Tensor]:
+    """The learning rate a schedule (or a Keras zero-argument callable) gives at ``step``;
+    ``takes_step``: :func:`_takes_step` of it, when the caller keeps it (the signature is slow to read)."""
+    return schedule(step) if (_takes_step(schedule) if takes_step is None else takes_step) else schedule()
 
 
 def _as_float(value: Union[float, Tensor]) -> float:
@@ -433,6 +435,7 @@ class KerasOptimizerMixin:
         #: would still create them from a later add_slot's initializer. Cleared by a step.
         self._unclaimed_slots: set[tuple[int, str]] = set()
         self._lr_takes_step = self._lr_schedule is None or _takes_step(self._lr_schedule)
+        self._lr_zeroed = False  # set by each step (optimizer.py): DCP's first step at lr 0
         self._norm_cache: dict = {}
         #: Set by data-parallel setups: called with the step's squared norms ([per tensor..., total],
         #: see clipping.squared_norms) before they become multipliers; all-reduce it in place (SUM) or
@@ -576,13 +579,13 @@ class KerasOptimizerMixin:
         decay = group.get("decay", 0.0)
         if self._lr_schedule is None and not decay:
             return group["lr"]
-        if getattr(self, "_lr_zeroed", False):  # a first step with every lr set to 0 (see step())
+        if self._lr_zeroed:  # a first step with every lr set to 0 (see step())
             return 0.0
         step = self._step_count(group)
         if self._lr_schedule is None:
             lr = group["lr"]
         else:
-            lr = self._lr_schedule(step) if self._lr_takes_step else self._lr_schedule()
+            lr = schedule_value(self._lr_schedule, step, self._lr_takes_step)
         if decay:
             lr = lr / (1 + decay * step)
         return lr
@@ -595,10 +598,6 @@ class KerasOptimizerMixin:
         ``keys``: each entry's kernel bucket or None (the optimizer's ``_route_keys``), computed when not given.
         """
         self._log_new_slots([e[2] for e in entries])
-        for gi, group in enumerate(self.param_groups):
-            decay = group.get("decay", 0.0)
-            if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not decay >= 0:
-                raise ValueError(f"Expected decay >= 0, received: {decay} (param group {gi})")
         if self._clipvalue is None and self._clipnorm is None and self._global_clipnorm is None:
             return None
         if keys is None:
@@ -682,9 +681,12 @@ class KerasOptimizerMixin:
         self._slot_log.extend((p, "accum_grad") for p in new)
         self._slot_log.extend((p, "accum_var") for p in new)
 
-    def _slot_entries(self) -> list[tuple[Tensor, str, Tensor]]:
-        # State created outside a step (load_state_dict) joins the record in parameter order.
+    def _log_existing_state(self) -> None:
+        """State created outside a step (load_state_dict) joins the slot record in parameter order."""
         self._log_new_slots([p for g in self.param_groups for p in g["params"] if self.state.get(p)])
+
+    def _slot_entries(self) -> list[tuple[Tensor, str, Tensor]]:
+        self._log_existing_state()
         out = []
         for p, name in self._slot_log:
             st = self.state.get(p)
@@ -916,7 +918,7 @@ class KerasOptimizerMixin:
         saved = [p.grad for p in everything]
         # Keras creates slots in the order of grads_and_vars, which need not be the param groups' order.
         log_length = len(self._slot_log)
-        self._log_new_slots([p for p in everything if self.state.get(p)])  # earlier state keeps its place
+        self._log_existing_state()  # earlier state keeps its place
         self._log_new_slots([v for _, v in present])
         try:
             for p in everything:

@@ -371,9 +371,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         self._route = None
         if not isinstance(self.state, StateDict):  # pickled by an older version
             self.state = StateDict(self.state)
-        for group in self.param_groups:
-            for k, v in self.defaults.items():
-                group.setdefault(k, v)
+        self._fill_group_defaults()
         bound = self.__dict__.pop("_flat_bound", None)
         if bound is None:  # pickled by an older version: its entries hold the views
             for flat in self._flats.values():
@@ -405,51 +403,52 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
                 return flat
         return None
 
-    def _ensure_state(self, group_params: list[tuple[dict, list[Tensor]]]) -> None:
+    @torch.no_grad()
+    def _ensure_state(self, group_params: list[tuple[dict, list[Tensor]]],
+                      given: Optional[dict[int, dict[str, Tensor]]] = None) -> None:
         """Give every listed parameter without state a zeroed segment in its flat state.
 
         A parameter that still has a segment but no state (its state was reset: ``opt.state[p] = {}``,
         ``.clear()``, ``del opt.state[p]``) leaves its old segment first, and starts again from zero as
-        in torch.
+        in torch. ``given``: by ``id(p)``, the checked values of state a user gave a parameter that had
+        none (``opt.state[p] = {...}`` before its first step, see :meth:`_adopt_replaced_state`): such a
+        parameter gets a segment holding them.
         """
         self._new_segments([(group, p) for group, params in group_params for p in params
                             if len(self.state.get(p, {})) == 0])
-        # State a user gave a parameter that had none (opt.state[p] = {...} before its first step):
-        # a segment, then the given values (checked by _adopt_replaced_state) copied into it.
-        given = [(group, p) for group, params in group_params for p in params
-                 if self.state.get(p) and self._flat_of(p) is None]
-        if given:
-            values = {id(p): {k: v for k, v in self.state[p].items() if k in _FLAT_NAMES} for _, p in given}
-            for _, p in given:
-                for k in values[id(p)]:
-                    del self.state[p][k]
-            self._new_segments(given)
-            for _, p in given:
-                views = self._flat_of(p).views(p)
-                for name, value in values[id(p)].items():
-                    if name in views:
-                        value = value.reshape(()) if name == "step" and isinstance(value, Tensor) else value
-                        _copy_state(views[name], value if isinstance(value, Tensor) else torch.tensor(float(value)),
-                                    name)
+        pairs = [(group, p) for group, params in group_params for p in params if id(p) in (given or {})]
+        if not pairs:
+            return
+        for _, p in pairs:
+            for name in given[id(p)]:
+                del self.state[p][name]
+        self._new_segments(pairs)
+        for _, p in pairs:
+            views = self._flat_of(p).views(p)
+            for name, value in given[id(p)].items():
+                if name in views:
+                    _copy_state(views[name], value, name)
 
     @torch.no_grad()
-    def _adopt_replaced_state(self) -> None:
+    def _adopt_replaced_state(self) -> dict[int, dict[str, Tensor]]:
         """Copy state a user put in ``opt.state[p]`` in place of the flat buffers' views into them, and
         hand the views out again: torch's optimizers update whatever ``opt.state`` holds, so ours must
         start from those values too. Every replacement is checked before any is copied: one of another
-        shape, or that is not a tensor (or for ``step`` a one-element number), is an error naming it."""
-        pending = []
+        shape, or that is not a tensor (or for ``step`` a one-element number), is an error naming it.
+
+        Returns, by ``id(p)``, the checked state given to parameters with a gradient and no segment yet,
+        for :meth:`_ensure_state` to take up."""
+        pending, given = [], {}
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
                 flat = self._flat_of(p)
                 st = self.state.get(p)
                 if not st:
                     continue
-                if flat is None:  # state given before the first step: checked here, taken up by _ensure_state
+                if flat is None:  # state given before the first step
                     if p.grad is not None:
-                        for name in ("step", "square_avg", "acc_delta"):
-                            if name in st:
-                                _replacement(f"parameter {pi} of group {gi}", name, st[name], p)
+                        given[id(p)] = {name: _replacement(f"parameter {pi} of group {gi}", name, value, p)
+                                        for name, value in st.items() if name in _FLAT_NAMES}
                     continue
                 replaced = flat.replaced(p, st)
                 if replaced:
@@ -462,6 +461,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
             for name, value in values.items():
                 _copy_state(views[name], value, name)
             self.state[p].update(views)
+        return given
 
     def _new_segments(self, pairs: list[tuple[dict, Tensor]]) -> None:
         """Give each ``(group, p)`` a zeroed segment in the flat state of its current key (and views in
@@ -510,10 +510,10 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         ]
         if not moves:
             return
-        names = ("step", "square_avg", "acc_delta", "master")
-        saved = {id(p): {k: local(v).clone() for k, v in self.state[p].items() if k in names} for _, p in moves}
+        saved = {id(p): {k: local(v).clone() for k, v in self.state[p].items() if k in _FLAT_NAMES}
+                 for _, p in moves}
         for _, p in moves:
-            for k in names:
+            for k in _FLAT_NAMES:
                 self.state[p].pop(k, None)
         self._new_segments(moves)
         for _, p in moves:
@@ -736,9 +736,9 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
                    if p.grad is not None]
         group_params = [(group, [p for _, gg, p in triples if gg is group]) for group in self.param_groups]
         # Replaced state first: new segments below re-point every state entry at the (new) buffers.
-        self._adopt_replaced_state()
+        given = self._adopt_replaced_state()
         self._follow_key_changes(group_params)
-        self._ensure_state(group_params)
+        self._ensure_state(group_params, given)
         keys = self._route_keys([(gi, group, p, p.grad) for gi, group, p in triples])
         by_bucket: dict[tuple, list[int]] = defaultdict(list)
         reference = []
