@@ -31,8 +31,10 @@
 #include <omp.h>
 #endif
 
-/* Columns of the hyperparameter table (float32, one row per distinct set, e.g. per param group). */
-enum { H_LR, H_RHO, H_OMR, H_EPS, H_WD, H_SIGN, H_GRAD_SCALE, H_CLIP_VALUE, H_COLS };
+/* Columns of the hyperparameter table (float32, one row per param group): the one row schema of
+ * triton_adadelta/hyper.py, which the Triton kernel reads too. H_SEED (stochastic rounding) is not read
+ * here: this path does not round stochastically. GradScaler's scale is not a column but an argument. */
+enum { H_LR, H_RHO, H_OMR, H_EPS, H_WD, H_SIGN, H_SEED, H_CLIP_VALUE, H_COLS };
 /* Columns of the tensor table (int64). */
 enum { T_P, T_G, T_V, T_U, T_NUMEL, T_ROW, T_STEP, T_COLS };
 
@@ -41,7 +43,7 @@ enum { T_P, T_G, T_V, T_U, T_NUMEL, T_ROW, T_STEP, T_COLS };
 /* Thread ranges start at multiples of this many elements (64 bytes of float32). */
 #define RANGE_ALIGN 16
 
-int adadelta_cpu_abi_version(void) { return 2; }
+int adadelta_cpu_abi_version(void) { return 3; }
 
 typedef uint16_t bf16;
 
@@ -86,17 +88,18 @@ static inline void store_f16(f16 *x, int64_t i, float y) { x[i] = (f16)y; }
         store_##PT(pp, i, p - lr * d);                                                       \
     }
 
-typedef void (*range_fn)(const int64_t *row, const float *h, float coef, int64_t begin, int64_t end);
+typedef void (*range_fn)(const int64_t *row, const float *h, float coef, float grad_scale, int64_t begin,
+                         int64_t end);
 
 #define VARIANT(NAME, PT, GT, ST)                                                            \
-    static void NAME##_range(const int64_t *row, const float *h, float coef, int64_t begin,  \
-                             int64_t end) {                                                  \
+    static void NAME##_range(const int64_t *row, const float *h, float coef, float grad_scale, \
+                             int64_t begin, int64_t end) {                                   \
         PT##_t *pp = (PT##_t *)(intptr_t)row[T_P];                                           \
         const GT##_t *gp = (const GT##_t *)(intptr_t)row[T_G];                               \
         ST##_t *vp = (ST##_t *)(intptr_t)row[T_V];                                           \
         ST##_t *up = (ST##_t *)(intptr_t)row[T_U];                                           \
         const float lr = h[H_LR], rho = h[H_RHO], omr = h[H_OMR], eps = h[H_EPS];            \
-        const float wd = h[H_WD], sign = h[H_SIGN], grad_scale = h[H_GRAD_SCALE];            \
+        const float wd = h[H_WD], sign = h[H_SIGN];                                          \
         const float clip_value = h[H_CLIP_VALUE];                                            \
         if (wd != 0.0f) {                                                                    \
             UPDATE_LOOP(PT, GT, ST, 1)                                                       \
@@ -105,8 +108,8 @@ typedef void (*range_fn)(const int64_t *row, const float *h, float coef, int64_t
         }                                                                                    \
     }                                                                                        \
     void NAME(int64_t n, const int64_t *table, const float *hyper, const float *coefs,       \
-              int threads) {                                                                 \
-        run(n, table, hyper, coefs, threads, NAME##_range);                                  \
+              const float *grad_scale, int threads) {                                        \
+        run(n, table, hyper, coefs, grad_scale ? *grad_scale : 1.0f, threads, NAME##_range); \
     }
 
 typedef float f32_t;
@@ -120,8 +123,8 @@ static int64_t range_start(int64_t total, int k, int threads) {
     return s;
 }
 
-static void run(int64_t n, const int64_t *table, const float *hyper, const float *coefs, int threads,
-                range_fn fn) {
+static void run(int64_t n, const int64_t *table, const float *hyper, const float *coefs, float grad_scale,
+                int threads, range_fn fn) {
     int64_t total = 0;
     for (int64_t t = 0; t < n; ++t) {
         const int64_t *row = table + T_COLS * t;
@@ -144,7 +147,7 @@ static void run(int64_t n, const int64_t *table, const float *hyper, const float
             int64_t begin = lo > base ? lo - base : 0;
             int64_t end = hi < base + numel ? hi - base : numel;
             if (begin < end)
-                fn(row, hyper + H_COLS * row[T_ROW], coefs ? coefs[t] : 1.0f, begin, end);
+                fn(row, hyper + H_COLS * row[T_ROW], coefs ? coefs[t] : 1.0f, grad_scale, begin, end);
             base += numel;
         }
     }

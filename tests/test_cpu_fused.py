@@ -168,7 +168,7 @@ def test_grad_scale_clip_coefficients_and_clip_value(calls, monkeypatch):
     for clip_value in (None, 0.5 * 1024.0 / 1024.0):
         coefs = GradientTransform(clip_value, {cpu: torch.tensor([0.25, 3.0])}, [(cpu, 0), (cpu, 1)])
         for opt in (fast, ref):
-            monkeypatch.setattr(opt, "_grad_transforms", lambda entries, grad_scale, keys=None, c=coefs: c)
+            monkeypatch.setattr(opt, "_clip_multipliers", lambda route, grads, grad_scale, c=coefs: c)
         scale = torch.tensor(1024.0)
         grads = [g * 1024.0 for g in random_grads(params, seed=9)]
         grads[1][5] = float("nan")
@@ -387,7 +387,9 @@ def test_a_step_allocates_nothing_of_parameter_size(calls):
     torch_bytes = _allocated_bytes(torch_opt.step)
     assert calls == [4, 4]
     assert torch_bytes >= 2 * param_bytes  # the measurement sees full-size temporaries where there are some
-    assert 0 < ours_bytes < 4096, ours_bytes  # the tables (a few hundred bytes) and nothing more
+    # At most the small tables (a few hundred bytes; none at all since the hyperparameter table is kept
+    # between steps, issue 17) and nothing more.
+    assert 0 <= ours_bytes < 4096, ours_bytes
 
 
 def test_fused_true_on_cpu_takes_the_fused_cpu_path(calls):

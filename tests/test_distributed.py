@@ -238,7 +238,7 @@ def _scenario_dcp(rank, tmp, fused):
     for key in saved:
         torch.testing.assert_close(loaded[key], saved[key], rtol=0, atol=0, msg=lambda m, k=key: f"{k}: {m}")
     for p in model2.parameters():  # loaded into the flat buffers, still sharded views of them
-        flat = opt2._flat_of(p)
+        flat = opt2._store.flat_of(p)
         assert opt2.state[p]["square_avg"].to_local().untyped_storage().data_ptr() == \
             flat.square_avg.untyped_storage().data_ptr()
 

@@ -252,10 +252,10 @@ def test_decay_and_schedules(path):
 def test_first_step_is_undecayed():
     p = torch.zeros(3, requires_grad=True)
     opt = Adadelta([p], learning_rate=0.5, decay=1.0, rho=0.0, epsilon=1.0)
-    assert opt._group_lr(opt.param_groups[0]) == 0.5
+    assert opt._learning_rates()[0] == 0.5
     p.grad = torch.ones(3)
     opt.step()
-    assert opt._group_lr(opt.param_groups[0]) == 0.25  # 0.5 / (1 + 1.0 * 1)
+    assert opt._learning_rates()[0] == 0.25  # 0.5 / (1 + 1.0 * 1)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -303,10 +303,10 @@ def test_iterations_changed_in_place_is_seen_by_decay():
     p = torch.zeros(2, requires_grad=True)
     opt = Adadelta([p], learning_rate=1.0, decay=0.5)
     opt.iterations.fill_(4)
-    assert opt._group_lr(opt.param_groups[0]) == pytest.approx(1.0 / 3.0)
+    assert opt._learning_rates()[0] == pytest.approx(1.0 / 3.0)
     opt.iterations = 2
     assert int(opt.iterations) == 2
-    assert opt._group_lr(opt.param_groups[0]) == pytest.approx(0.5)
+    assert opt._learning_rates()[0] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="non-negative whole number"):
         opt.iterations = -1
 
@@ -382,7 +382,7 @@ def test_apply_gradients_missing_gradient_and_adoption(path):
             assert np.array_equal(_np(variables[1]), values[1])
     assert int(opt.iterations) == 3
     for v in variables:  # adopted variables got their state in the flat buffers (views, not copies)
-        flat = opt._flat_of(v)
+        flat = opt._store.flat_of(v)
         assert opt.state[v]["square_avg"].untyped_storage().data_ptr() == flat.square_avg.untyped_storage().data_ptr()
     for i, v in enumerate(variables):
         assert v.grad is None  # never set, and not left behind
@@ -769,8 +769,8 @@ def test_one_extra_launch_and_slices_not_gathers(monkeypatch):
         opt.step()
         assert counter["n"] - before == launches, kwargs
     # The multiplier table of each update launch is a view of the step's vector, not a gathered copy.
-    entries = [(0, opt.param_groups[0], p, p.grad) for p in params]
-    transform = opt._grad_transforms(entries, None)
+    route, grads = opt._routed()
+    transform = opt._clip_multipliers(route, grads, None)
     vec = transform.vectors[torch.device(KERNEL_DEVICE)]
     for idx in ([0, 2], [1, 3]):
         table = transform.table(idx, torch.device(KERNEL_DEVICE))

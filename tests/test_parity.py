@@ -117,7 +117,7 @@ def test_state_dict_ours_to_torch_and_back():
     ours2 = Adadelta([dict(params=c[:2]), dict(params=c[2:], lr=0.3)], rho=0.8)
     ours2.load_state_dict(torch_opt.state_dict())
     # The loaded state went into flat buffers.
-    flat = next(iter(ours2._flats.values()))
+    flat = next(iter(ours2._store.flats.values()))
     assert ours2.state[c[0]]["square_avg"].untyped_storage().data_ptr() == flat.square_avg.untyped_storage().data_ptr()
 
     _train(a, ours_opt, 5, 100)
@@ -220,7 +220,7 @@ def test_add_param_group_zero_grad_hooks_deepcopy_pickle():
             torch.testing.assert_close(o1, o2, rtol=0, atol=0)
             torch.testing.assert_close(p, q, rtol=0, atol=0)
             assert q.untyped_storage().data_ptr() != p.untyped_storage().data_ptr()
-        flat = next(iter(clone._flats.values()))
+        flat = next(iter(clone._store.flats.values()))
         st = clone.state[cparams[0]]["square_avg"]
         assert st.untyped_storage().data_ptr() == flat.square_avg.untyped_storage().data_ptr()
 

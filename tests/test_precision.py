@@ -699,7 +699,7 @@ def test_fused_step_with_scaler_reads_no_tensor_on_the_host(monkeypatch):
     opt.step(grad_scale=scale, found_inf=found)  # the first step builds state and launch plans
 
     watched = [scale, found] + params + [p.grad for p in params]
-    for flat in opt._flats.values():
+    for flat in opt._store.flats.values():
         watched += [flat.square_avg, flat.acc_delta, flat.steps, flat.master]
     storages = {t.untyped_storage().data_ptr() for t in watched}
     launches = []

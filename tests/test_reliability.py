@@ -53,7 +53,7 @@ def snapshot(opt: Adadelta, params: list[torch.Tensor]) -> tuple:
     index = {id(p): i for i, p in enumerate(params)}
     state = [(index.get(id(p), repr(p)), st) for p, st in opt.state.items()]
     flats = [(k, f.square_avg, f.acc_delta, f.steps, f.master, [id(p) for p in f.params], list(f.offsets))
-             for k, f in opt._flats.items()]
+             for k, f in opt._store.flats.items()]
     return (
         [_freeze(p) for p in params],
         [_freeze(p.grad) if p.grad is not None else None for p in params],
@@ -502,13 +502,13 @@ def test_load_state_dict_not_a_dict():
 
 def test_load_state_dict_failure_while_copying_rolls_back(monkeypatch):
     """A failure after the checks (here: injected into the copy of the third tensor) restores everything."""
-    import triton_adadelta.optimizer as optimizer_module
+    import triton_adadelta.state as state_module
 
     sd, opt, params, twin, twin_params = _trained_sd(False)
     sd = copy.deepcopy(sd)
     for st in sd["state"].values():  # make the load a real change, so a half-done one would show
         st["square_avg"] = st["square_avg"] * 2 + 1
-    real_copy = optimizer_module._copy_state
+    real_copy = state_module.copy_state
     calls = []
 
     def failing_copy(dst, src, name):
@@ -517,7 +517,7 @@ def test_load_state_dict_failure_while_copying_rolls_back(monkeypatch):
             raise RuntimeError("injected copy failure")
         real_copy(dst, src, name)
 
-    monkeypatch.setattr(optimizer_module, "_copy_state", failing_copy)
+    monkeypatch.setattr(state_module, "copy_state", failing_copy)
     before = snapshot(opt, params)
     with pytest.raises(RuntimeError, match="injected copy failure"):
         opt.load_state_dict(sd)
@@ -549,13 +549,13 @@ def test_load_state_dict_restores_flat_layout_in_saved_order():
     opt.step()
     set_grads(params, random_grads(params, 1))
     opt.step()
-    flat = next(iter(opt._flats.values()))
+    flat = next(iter(opt._store.flats.values()))
     order = [[id(q) for q in params].index(id(p)) for p in flat.params]
     assert order == [2, 0, 1]
     fresh_params = [p.clone() for p in params]
     fresh = Adadelta(fresh_params)
     fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
-    fresh_flat = next(iter(fresh._flats.values()))
+    fresh_flat = next(iter(fresh._store.flats.values()))
     assert [[id(q) for q in fresh_params].index(id(p)) for p in fresh_flat.params] == order
     assert fresh_flat.offsets == flat.offsets
     assert torch.equal(fresh_flat.square_avg, flat.square_avg)

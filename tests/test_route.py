@@ -167,7 +167,7 @@ def test_a_resized_parameter_after_cached_steps_raises_and_changes_nothing(monke
 def test_a_reset_state_starts_again_from_zero_like_torch(how, monkeypatch):
     """``opt.state[p] = {}`` (or clear, or del) between cached steps: p's state starts from zero, as in torch."""
     counter, ours, theirs, opt, ref = _warm(monkeypatch)
-    sizes = [f.size for f in opt._flats.values()]
+    sizes = [f.size for f in opt._store.flats.values()]
     for o, p in ((opt, ours[1]), (ref, theirs[1])):
         if how == "assign":
             o.state[p] = {}
@@ -179,7 +179,8 @@ def test_a_reset_state_starts_again_from_zero_like_torch(how, monkeypatch):
     assert float(opt.state[ours[1]]["step"]) == 1.0
     assert _step(opt, ref, ours, theirs, 6, counter) == 1
     _assert_matches(opt, ref, ours, theirs, f"reset ({how})")
-    assert [f.size for f in opt._flats.values()] == sizes, "the old segment was dropped, not kept beside the new one"
+    assert [f.size for f in opt._store.flats.values()] == sizes, \
+        "the old segment was dropped, not kept beside the new one"
 
 
 @pytest.mark.parametrize("path", ["kernel", "cpu_fused", "reference"])
@@ -200,7 +201,7 @@ def test_replaced_state_tensors_are_taken_up_like_torch(path, monkeypatch):
         o.state[p]["step"] = torch.tensor(10.0)
     assert _step(opt, ref, ours, theirs, 5, counter) == (1 if path == "kernel" else 0)
     assert float(opt.state[ours[0]]["step"]) == 11.0
-    flat = next(iter(opt._flats.values()))
+    flat = next(iter(opt._store.flats.values()))
     assert not flat.replaced(ours[0], opt.state[ours[0]]), "the views are handed out again"
     assert _step(opt, ref, ours, theirs, 6, counter) == (1 if path == "kernel" else 0)
     _assert_matches(opt, ref, ours, theirs, f"replaced state ({path})")

@@ -159,7 +159,7 @@ def test_torch_state_dict_with_a_one_element_step_shape_loads(path, monkeypatch)
 def test_failed_load_keeps_the_pending_master_refresh(monkeypatch):
     """After a torch.optim state_dict, master weights are re-read from the parameter at the next step;
     a later load that fails (and rolls back) must leave that pending."""
-    import triton_adadelta.optimizer as optimizer_module
+    import triton_adadelta.state as state_module
 
     tp = torch.nn.Parameter(torch.randn(8).to(torch.bfloat16))
     topt = torch.optim.Adadelta([tp])
@@ -183,7 +183,7 @@ def test_failed_load_keeps_the_pending_master_refresh(monkeypatch):
             def failing_copy(dst, src, name):
                 raise RuntimeError("injected copy failure")
 
-            monkeypatch.setattr(optimizer_module, "_copy_state", failing_copy)
+            monkeypatch.setattr(state_module, "copy_state", failing_copy)
             with pytest.raises(RuntimeError, match="injected"):
                 opt.load_state_dict(own)  # our own state_dict: it has a master, so it queues no refresh
             monkeypatch.undo()

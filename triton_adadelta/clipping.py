@@ -28,8 +28,10 @@ import torch
 from torch import Tensor
 
 from . import _triton
-from .buckets import upload
+from .backends import tables
+from .backends.tables import BLOCK, NUM_WARPS, upload
 from .reference import compute_dtype, real_view
+from .validation import check_nonnegative
 
 __all__ = [
     "squared_norms",
@@ -41,11 +43,8 @@ __all__ = [
 ]
 
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_VEC = {torch.float32: 4, torch.bfloat16: 8, torch.float16: 8}
-_BLOCK = 2048
 _CHUNK_BLOCKS = 8  # a program sums 16384 elements: few partials, and loads enough to hide latency
 _RBLOCK = 1024
-_NUM_WARPS = 4
 
 
 def _norm_kernel() -> Any:
@@ -137,35 +136,27 @@ class NormPlan:
     """Tables for one norm launch over gradients of given sizes and dtypes on one device, cached."""
 
     def __init__(self, numels: list[int], codes: list[int], device: torch.device) -> None:
-        chunk = _BLOCK * _CHUNK_BLOCKS
-        nchunks = [max(1, -(-n // chunk)) for n in numels]
-        counts = torch.tensor(nchunks, dtype=torch.int64)
-        first = torch.cumsum(counts, 0) - counts
+        chunks = tables.chunk_table(numels, BLOCK * _CHUNK_BLOCKS, device)
         meta = torch.stack([torch.tensor(numels, dtype=torch.int64), torch.tensor(codes, dtype=torch.int64),
-                            first, counts], 1) if numels else torch.zeros(0, 4, dtype=torch.int64)
-        tensor_of_chunk = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), counts)
+                            chunks.first, chunks.counts], 1) if numels else torch.zeros(0, 4, dtype=torch.int64)
         self.num_tensors = len(numels)
-        self.num_chunks = int(counts.sum())
-        self.numels = numels
-        self.vec = [8 if c else 4 for c in codes]
+        self.num_chunks = chunks.num_chunks
         self.meta = upload(meta.contiguous(), device)
-        self.chunk_tensor = upload(tensor_of_chunk.to(torch.int32), device)
-        self.chunk_block = upload((torch.arange(self.num_chunks) - first[tensor_of_chunk]).to(torch.int32), device)
+        self.chunk_tensor, self.chunk_block = chunks.chunk_tensor, chunks.chunk_block
         self.partials = torch.empty(self.num_chunks, dtype=torch.float32, device=device)
         # The kernel leaves these at zero when it ends; they are allocated once.
         self.counters = torch.zeros(self.num_tensors + 1, dtype=torch.int32, device=device)
         self.device = device
-        self._addresses: Optional[list[int]] = None
-        self.pointer_table: Optional[Tensor] = None
+        # Vector width: 4 float32 or 8 16-bit elements in 128 bits.
+        self._pointers = tables.PointerTable(device, [n % (8 if c else 4) == 0 for n, c in zip(numels, codes)])
+        self.streams: set = set()  # streams its tables were used on (tables.record_use)
 
     def pointers(self, grads: Sequence[Tensor]) -> Tensor:
         """The address table for these gradients (uploaded only when an address changed)."""
-        addresses = [g.data_ptr() for g in grads]
-        if addresses != self._addresses:
-            aligned = [int(a % 16 == 0 and n % v == 0) for a, n, v in zip(addresses, self.numels, self.vec)]
-            self.pointer_table = upload(torch.tensor(addresses + aligned, dtype=torch.int64), self.device)
-            self._addresses = addresses
-        return self.pointer_table
+        return self._pointers.refresh([g.data_ptr() for g in grads])
+
+    def tables(self) -> tuple[Tensor, ...]:
+        return (self.meta, self.chunk_tensor, self.chunk_block, self.partials, self.counters)
 
 
 def kernel_eligible(g: Tensor) -> bool:
@@ -205,21 +196,24 @@ def _launch(
     plan = _plan(grads, cache)
     views = [real_view(g) for g in grads]
     device = views[0].device
-    # Fresh outputs each call: callers may keep them or all-reduce them in place.
-    out = torch.empty(plan.num_tensors + 1, dtype=torch.float32, device=device)
-    coef = torch.empty(plan.num_tensors, dtype=torch.float32, device=device) if mode else None
-    has_scaler = grad_scale is not None
-    scale = grad_scale.to(device, torch.float32).reshape(1) if has_scaler else out
-    _norm_kernel()[(plan.num_chunks,)](
-        plan.pointers(views), plan.meta, plan.chunk_tensor, plan.chunk_block, plan.partials, plan.counters,
-        out, coef if coef is not None else out, scale,
-        float(clip_value) if clip_value is not None else 0.0, float(threshold) if threshold is not None else 0.0,
-        plan.num_tensors,
-        BLOCK=_BLOCK, CHUNK_BLOCKS=_CHUNK_BLOCKS, RBLOCK=_RBLOCK,
-        HAS_SCALER=has_scaler, HAS_CLIPVALUE=clip_value is not None, MODE=mode,
-        num_warps=_NUM_WARPS,
-        enable_fp_fusion=False,  # x*x + acc rounded twice on every backend and Triton version
-    )
+    with tables.device_guard(device):  # the gradients' device and its current stream
+        # Fresh outputs each call: callers may keep them or all-reduce them in place.
+        out = torch.empty(plan.num_tensors + 1, dtype=torch.float32, device=device)
+        coef = torch.empty(plan.num_tensors, dtype=torch.float32, device=device) if mode else None
+        has_scaler = grad_scale is not None
+        scale = grad_scale.to(device, torch.float32).reshape(1) if has_scaler else out
+        pointers = plan.pointers(views)
+        tables.record_use(plan.streams, plan.tables(), device)
+        _norm_kernel()[(plan.num_chunks,)](
+            pointers, plan.meta, plan.chunk_tensor, plan.chunk_block, plan.partials, plan.counters,
+            out, coef if coef is not None else out, scale,
+            float(clip_value) if clip_value is not None else 0.0, float(threshold) if threshold is not None else 0.0,
+            plan.num_tensors,
+            BLOCK=BLOCK, CHUNK_BLOCKS=_CHUNK_BLOCKS, RBLOCK=_RBLOCK,
+            HAS_SCALER=has_scaler, HAS_CLIPVALUE=clip_value is not None, MODE=mode,
+            num_warps=NUM_WARPS,
+            enable_fp_fusion=False,  # x*x + acc rounded twice on every backend and Triton version
+        )
     return out, coef
 
 
@@ -389,3 +383,42 @@ def build_transform(
         vectors[d] = _move(coef[offset: offset + len(order[d])], d)
         offset += len(order[d])
     return GradientTransform(clip_value, vectors, where)
+
+
+# --------------------------------------------------------------------------------------------- the optimizer's settings
+class ClipSettings:
+    """An optimizer's Keras clipping: ``clipvalue``, ``clipnorm`` and ``global_clipnorm`` (each None or a
+    number >= 0; clipnorm and global_clipnorm exclude each other), checked whenever one is set."""
+
+    __slots__ = ("_clipvalue", "_clipnorm", "_global_clipnorm")
+
+    def __init__(self, clipvalue: Optional[float] = None, clipnorm: Optional[float] = None,
+                 global_clipnorm: Optional[float] = None) -> None:
+        self._clipvalue = self._clipnorm = self._global_clipnorm = None
+        self.set("clipvalue", clipvalue)
+        self.set("clipnorm", clipnorm)
+        self.set("global_clipnorm", global_clipnorm)
+
+    def set(self, name: str, value: Optional[float]) -> None:
+        value = check_nonnegative(name, value)
+        norm = value if name == "clipnorm" else self._clipnorm
+        global_norm = value if name == "global_clipnorm" else self._global_clipnorm
+        if norm is not None and global_norm is not None:
+            raise ValueError("Cannot accept both `clipnorm` and `global_clipnorm`. "
+                             f"Received: `clipnorm`={norm}, `global_clipnorm`={global_norm}.")
+        setattr(self, "_" + name, value)
+
+    @property
+    def clipvalue(self) -> Optional[float]:
+        return self._clipvalue
+
+    @property
+    def clipnorm(self) -> Optional[float]:
+        return self._clipnorm
+
+    @property
+    def global_clipnorm(self) -> Optional[float]:
+        return self._global_clipnorm
+
+    def __bool__(self) -> bool:
+        return not (self._clipvalue is None and self._clipnorm is None and self._global_clipnorm is None)

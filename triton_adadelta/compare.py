@@ -34,7 +34,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from . import cpu_fused
 from .corpus import load
 from .optimizer import Adadelta
 
@@ -257,14 +256,13 @@ def _plot(path: str, runs: list[_Run], skip: int, title: str) -> None:
 
 
 def _ours_path(opt: Adadelta, device: torch.device, n_params: int, dtype: torch.dtype) -> str:
-    from . import _triton
+    """The path that updated most of the parameters in the optimizer's last step (route.path_of)."""
+    from . import route
 
-    if _triton.kernel_device_ok(device):
-        return "the fused Triton kernel"
-    eligible = (dtype, dtype, torch.float32) in cpu_fused.SUPPORTED
-    if device.type == "cpu" and cpu_fused.available() and eligible and n_params >= cpu_fused.MIN_NUMEL:
-        return "the fused CPU path (triton_adadelta.cpu_fused)"
-    return "the PyTorch reference path"
+    names = {route.KERNEL: "the fused Triton kernel", route.CPU: "the fused CPU path (triton_adadelta.cpu_fused)",
+             route.TORCH: "the PyTorch reference path"}
+    counts = opt.path_counts()
+    return names[max(counts, key=counts.__getitem__)] if counts else names[route.TORCH]
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:

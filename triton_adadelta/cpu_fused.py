@@ -46,18 +46,18 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from .buckets import update_row
+from .hyper import NUM_COLUMNS
 from .reference import real_view
+from .shards import PLAIN
 
-__all__ = ["ENABLED", "MIN_NUMEL", "SUPPORTED", "BuildError", "CpuPlan", "available", "library", "fused_update_",
-           "settings"]
+__all__ = ["ENABLED", "MIN_NUMEL", "SUPPORTED", "BuildError", "available", "library", "fused_update_",
+           "settings", "slot", "fail"]
 
 #: Set TRITON_ADADELTA_CPU_COMPILE=0 to keep every CPU step on the reference path.
 ENABLED: bool = os.environ.get("TRITON_ADADELTA_CPU_COMPILE", "1") not in ("0", "", "false", "False")
@@ -76,9 +76,9 @@ SUPPORTED: tuple[tuple[torch.dtype, torch.dtype, torch.dtype], ...] = tuple(
     for s in (torch.float32, torch.bfloat16)
 )
 
-# The layout of the tables (hyperparameters: 8 float32 columns; tensors: 7 int64 columns) is the enum
-# of kernels/adadelta_cpu.c; its version number is checked when the library loads.
-_ABI = 2
+# The layout of the tables (hyperparameters: hyper.COLUMNS, float32; tensors: 7 int64 columns) is the
+# enum of kernels/adadelta_cpu.c; its version number is checked when the library loads.
+_ABI = 3
 
 _SOURCE = "adadelta_cpu.c"
 # Tried in order until one builds: vectorised for this CPU with threads, portable with threads, plain.
@@ -108,7 +108,8 @@ class _Library:
         for key in SUPPORTED:
             fn = getattr(self._dll, "adadelta_cpu_" + "_".join(_NAMES[d] for d in key), None)
             if fn is not None:  # the float16 variants exist only where the compiler has _Float16
-                fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+                fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_int]
                 fn.restype = None
                 self.functions[key] = fn
 
@@ -224,6 +225,7 @@ def fused_update_(
     steps: Optional[Sequence[Optional[Tensor]]] = None,
     threads: Optional[int] = None,
     check: bool = True,
+    grad_scale: Optional[Tensor] = None,
 ) -> None:
     """Apply one Adadelta step to every slot in place, in one call of the compiled C update.
 
@@ -231,12 +233,13 @@ def fused_update_(
         slots: ``(param, grad, square_avg, acc_delta)`` per tensor: contiguous CPU tensors with the
             same number of elements (complex tensors as their real views), all with the same
             (parameter, gradient, state) dtypes, one of :data:`SUPPORTED`.
-        hyper: float32 ``[R, 8]``, contiguous: lr, rho, 1 - rho, eps, weight_decay, sign (-1 to
-            maximize), grad_scale (divides the gradient), clip_value (+inf for none).
+        hyper: float32 ``[R, 8]``, contiguous, the rows of :data:`triton_adadelta.hyper.COLUMNS`: lr, rho,
+            1 - rho, eps, weight_decay, sign (-1 to maximize), seed (not read here), clip_value (+inf for none).
         rows: the row of ``hyper`` of each slot.
         coefs: float32 ``[len(slots)]`` gradient multipliers (clipping), or None for 1.
         steps: optional float32 0-d CPU step counts, one per slot (or None): each gets + 1.
         threads: threads to split the work over (default ``torch.get_num_threads()``).
+        grad_scale: a one-element CPU tensor that divides every gradient (GradScaler's scale), or None.
         check: verify the arguments first (the C code trusts every address and size it is given);
             pass False only for tensors already checked.
 
@@ -260,22 +263,28 @@ def fused_update_(
          for (p, g, v, u), r, s in zip(slots, rows, steps)],
         dtype=torch.int64,
     )
-    _call(fn, table, hyper, coefs, threads)
+    _call(fn, table, hyper, coefs, threads, grad_scale)
 
 
-def _call(fn: Any, table: Tensor, hyper: Tensor, coefs: Optional[Tensor], threads: Optional[int]) -> None:
+def _call(fn: Any, table: Tensor, hyper: Tensor, coefs: Optional[Tensor], threads: Optional[int],
+          grad_scale: Optional[Tensor] = None) -> None:
     """One C call over the rows of ``table`` (int64 [T, 7]: p, g, square_avg, acc_delta, numel, row, step)."""
-    coef_ptr = None
+    coef_ptr = scale_ptr = None
     if coefs is not None:
         coefs = coefs.to(torch.float32).contiguous()
         coef_ptr = coefs.data_ptr()
-    fn(table.shape[0], table.data_ptr(), hyper.data_ptr(), coef_ptr, threads or torch.get_num_threads())
+    if grad_scale is not None:
+        grad_scale = grad_scale.to("cpu", torch.float32).reshape(1).contiguous()
+        scale_ptr = grad_scale.data_ptr()
+    fn(table.shape[0], table.data_ptr(), hyper.data_ptr(), coef_ptr, scale_ptr, threads or torch.get_num_threads())
 
 
 def _check_arguments(slots: Sequence[tuple[Tensor, ...]], key: tuple, hyper: Tensor, rows: Sequence[int],
                      coefs: Optional[Tensor], steps: Optional[Sequence[Optional[Tensor]]]) -> None:
-    if hyper.dtype != torch.float32 or hyper.dim() != 2 or hyper.shape[1] != 8 or hyper.device.type != "cpu":
-        raise ValueError(f"hyper must be a float32 [R, 8] CPU tensor, got {hyper.dtype} {tuple(hyper.shape)}")
+    if (hyper.dtype != torch.float32 or hyper.dim() != 2 or hyper.shape[1] != NUM_COLUMNS
+            or hyper.device.type != "cpu" or not hyper.is_contiguous()):
+        raise ValueError(f"hyper must be a float32 [R, {NUM_COLUMNS}] contiguous CPU tensor, got {hyper.dtype} "
+                         f"{tuple(hyper.shape)}")
     if len(rows) != len(slots) or any(not 0 <= r < hyper.shape[0] for r in rows):
         raise ValueError(f"rows must give one row of hyper (0..{hyper.shape[0] - 1}) for each of {len(slots)} slots")
     if coefs is not None and (coefs.numel() != len(slots) or coefs.device.type != "cpu"):
@@ -291,24 +300,21 @@ def _check_arguments(slots: Sequence[tuple[Tensor, ...]], key: tuple, hyper: Ten
                 raise ValueError(f"slot {i}: {name} must be a contiguous CPU tensor of {n} elements")
 
 
-def _is_step(s: Tensor) -> bool:
+def _is_step(s: Any) -> bool:
     return type(s) is Tensor and s.dtype == torch.float32 and s.is_cpu and s.numel() == 1
 
 
-_PLAIN = (Tensor, torch.nn.Parameter)  # DTensor (FSDP2) and other subclasses stay on the reference path
 _SUPPORTED_SET = frozenset(SUPPORTED)
 
 
-def _group_ok(group: dict[str, Any]) -> bool:
-    return not (group.get("fused") is False or group.get("stochastic_rounding") or group.get("differentiable"))
-
-
-def _slot(p: Tensor, g: Tensor, st: dict[str, Tensor]) -> Optional[tuple[Tensor, Tensor, Tensor, Tensor]]:
-    """(param, grad, square_avg, acc_delta) as real views when this path can update them, else None."""
-    if type(p) not in _PLAIN or type(g) is not Tensor or not (p.is_cpu and g.is_cpu) or g.is_sparse:
+def slot(p: Tensor, g: Tensor, st: dict[str, Any]) -> Optional[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """(param, grad, square_avg, acc_delta) as real views when this path can update them, else None:
+    contiguous plain CPU tensors of a :data:`SUPPORTED` dtype combination, no master weights, a
+    float32 0-d step (DTensors and other subclasses stay on the PyTorch path)."""
+    if type(p) not in PLAIN or type(g) is not Tensor or not (p.is_cpu and g.is_cpu) or g.is_sparse:
         return None
     v, u = st.get("square_avg"), st.get("acc_delta")
-    if v is None or u is None or st.get("master") is not None or u.dtype != v.dtype:
+    if v is None or u is None or st.get("master") is not None or u.dtype != v.dtype or not _is_step(st.get("step")):
         return None
     if not (p.is_contiguous() and g.is_contiguous() and v.is_contiguous() and u.is_contiguous()):
         return None
@@ -324,79 +330,13 @@ def _slot(p: Tensor, g: Tensor, st: dict[str, Tensor]) -> Optional[tuple[Tensor,
 
 
 def settings() -> tuple:
-    """What a :class:`CpuPlan` was made under: a plan made under other settings is made again."""
+    """What a CPU plan (:class:`backends.cpu.CpuPlan`) was made under: under other settings it is made again."""
     return (ENABLED, _failed, MIN_NUMEL)
 
 
-class CpuPlan:
-    """This path's share of a step: which entries it updates and their call tables, kept between steps.
-
-    Made from ``(i, (group index, group, param, grad))`` entries; the parameters must have state. A
-    table row is fixed but for the parameter's and the gradient's addresses, which :meth:`run`
-    rewrites every step (gradients are usually new tensors, and ``p.data = ...`` moves a parameter).
-    The owner makes a new plan whenever the flat state, the tensors' metadata or :func:`settings`
-    change (Adadelta's route). The caller has already handled ``found_inf``; step counts of updated
-    tensors are incremented in the C call.
-    """
-
-    def __init__(self, opt: Any, indexed_entries: list[tuple[int, tuple[int, dict, Tensor, Tensor]]]) -> None:
-        global _failed
-        self.calls: list[tuple[Any, list[int], Tensor, Any]] = []  # (C function, entry indices, table, its numpy view)
-        self.groups: list[dict] = []  # hyperparameter row r is self.groups[r]'s
-        chosen: dict[tuple, list] = defaultdict(list)
-        group_rows: dict[int, Optional[int]] = {}
-        total = 0
-        for i, (gi, group, p, g) in indexed_entries:
-            row = group_rows.get(gi, -1)
-            if row == -1:
-                row = None
-                if _group_ok(group):
-                    self.groups.append(group)
-                    row = len(self.groups) - 1
-                group_rows[gi] = row
-            st = opt.state[p]
-            slot = None if row is None or not _is_step(st.get("step")) else _slot(p, g, st)
-            if slot is not None:
-                chosen[(slot[0].dtype, slot[1].dtype, slot[2].dtype)].append((i, slot, row, st["step"]))
-                total += slot[0].numel()
-        self.rest = self.everything = [i for i, _ in indexed_entries]  # until calls are made
-        if not chosen or total < MIN_NUMEL or not available():
-            return
-        try:
-            functions = library().functions
-        except BuildError as exc:
-            _failed = True
-            warnings.warn(f"triton_adadelta: the compiled CPU path is disabled ({exc}); using the PyTorch path",
-                          RuntimeWarning, stacklevel=4)
-            return
-        for key, items in chosen.items():
-            fn = functions.get(key)
-            if fn is None:  # float16 where the compiler has no _Float16
-                continue
-            table = torch.tensor(
-                [[0, 0, v.data_ptr(), u.data_ptr(), p.numel(), r, s.data_ptr()] for _, (p, _, v, u), r, s in items],
-                dtype=torch.int64,
-            )
-            self.calls.append((fn, [it[0] for it in items], table, table.numpy()))
-        taken = {i for _, idx, _, _ in self.calls for i in idx}
-        self.rest = [i for i in self.rest if i not in taken]
-
-    def run(self, opt: Any, entries: Any, coefs: Any, grad_scale: Optional[Tensor],
-            clip_value: Optional[float] = None) -> list[tuple[int, tuple[int, dict, Tensor, Tensor]]]:
-        """Update this plan's entries of the step (``entries[i]`` is entry ``i`` of the step);
-        return the others as ``(i, entry)``. Nothing is updated when the path is not available now."""
-        if not self.calls or not available():
-            return [(i, entries[i]) for i in self.everything]
-        from .clipping import clip_table
-
-        scale = 1.0 if grad_scale is None else float(grad_scale)
-        cv = float("inf") if clip_value is None else float(clip_value)
-        rows = [update_row(group, float(opt._group_lr(group))) + [scale, cv] for group in self.groups]
-        hyper = torch.tensor(rows, dtype=torch.float32)
-        cpu = torch.device("cpu")
-        for fn, idx, table, view in self.calls:
-            # Complex tensors start where their real views do: the addresses are the same.
-            view[:, 0] = [entries[i][2].data_ptr() for i in idx]
-            view[:, 1] = [entries[i][3].data_ptr() for i in idx]
-            _call(fn, table, hyper, None if coefs is None else clip_table(coefs, idx, cpu), None)
-        return [(i, entries[i]) for i in self.rest]
+def fail(exc: BaseException) -> None:
+    """Switch this path off for the process after the library failed to build (one warning)."""
+    global _failed
+    _failed = True
+    warnings.warn(f"triton_adadelta: the compiled CPU path is disabled ({exc}); using the PyTorch path",
+                  RuntimeWarning, stacklevel=5)

@@ -3,7 +3,9 @@
 :class:`KerasOptimizerMixin` holds everything Keras-shaped: the ``learning_rate``/``epsilon``
 aliases and Keras' keyword arguments (clipnorm, clipvalue, global_clipnorm, decay), ``iterations``,
 slots and weights, ``apply_gradients``/``minimize``/``get_gradients`` and ``get_config``/
-``from_config``. The Adadelta class inherits it; the update itself is the optimizer's.
+``from_config``. The Adadelta class inherits it; the update, the learning rate at ``iterations`` and
+the clipping are the optimizer's (optimizer.py, hyper.py, clipping.py). The mixin talks to the
+optimizer through the public interface :class:`KerasHost` lists; schedules are in schedules.py.
 
 Keras semantics in one place (legacy ``tf.keras.optimizers.Adadelta``):
 
@@ -20,19 +22,28 @@ Keras semantics in one place (legacy ``tf.keras.optimizers.Adadelta``):
 
 from __future__ import annotations
 
-import inspect
-import math
 import numbers
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from . import clipping
-from .buckets import local, shard_norm_hook
+from .schedules import (  # noqa: F401  (re-exported: pickles and configs name them here)
+    SCHEDULES,
+    ExponentialDecay,
+    InverseTimeDecay,
+    LearningRateSchedule,
+    as_float,
+    deserialize_schedule,
+    is_schedule,
+    schedule_value,
+    serialize_schedule,
+)
+from .validation import check_hyperparameters, check_nonnegative, whole_number
 
 __all__ = [
     "KerasOptimizerMixin",
@@ -61,151 +72,7 @@ LR_DEFAULT = _Default(1.0)
 EPS_DEFAULT = _Default(1e-6)
 
 
-# --------------------------------------------------------------------------------------------- schedules
-class LearningRateSchedule:
-    """A learning rate as a function of the step count, serialisable in an optimizer's config.
-
-    ``__call__(step)`` gets the number of steps taken so far (a Python int, or a 0-d int64 tensor on
-    the device where the count is only known there) and returns a float or a 0-d tensor.
-    Subclasses implement ``__call__`` and ``get_config``; ``from_config(config)`` is ``cls(**config)``.
-    """
-
-    def __call__(self, step: Union[int, Tensor]) -> Union[float, Tensor]:
-        raise NotImplementedError
-
-    def get_config(self) -> dict[str, Any]:
-        """The constructor's arguments as a JSON-serialisable dict."""
-        raise NotImplementedError
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> LearningRateSchedule:
-        """The schedule :meth:`get_config` describes."""
-        return cls(**config)
-
-
-def _floor(x: Union[float, Tensor]) -> Union[float, Tensor]:
-    return torch.floor(x) if isinstance(x, Tensor) else float(math.floor(x))
-
-
-class _DecaySchedule(LearningRateSchedule):
-    """Keras' decay schedules: ``initial_learning_rate`` scaled by a function of ``step / decay_steps``
-    (floored with ``staircase``), :meth:`_scale`."""
-
-    def __init__(self, initial_learning_rate: float, decay_steps: int, decay_rate: float,
-                 staircase: bool = False, name: Optional[str] = None) -> None:
-        if not decay_steps > 0:
-            raise ValueError(f"decay_steps must be > 0, got {decay_steps}")
-        self.initial_learning_rate = initial_learning_rate
-        self.decay_steps = decay_steps
-        self.decay_rate = decay_rate
-        self.staircase = staircase
-        self.name = name
-
-    def _scale(self, progress: Union[float, Tensor]) -> Union[float, Tensor]:
-        raise NotImplementedError
-
-    def __call__(self, step: Union[int, Tensor]) -> Union[float, Tensor]:
-        p = step / self.decay_steps
-        if self.staircase:
-            p = _floor(p)
-        return self._scale(p)
-
-    def get_config(self) -> dict[str, Any]:
-        return {"initial_learning_rate": self.initial_learning_rate, "decay_steps": self.decay_steps,
-                "decay_rate": self.decay_rate, "staircase": self.staircase, "name": self.name}
-
-
-class ExponentialDecay(_DecaySchedule):
-    """Keras' ExponentialDecay: ``initial_learning_rate * decay_rate ** (step / decay_steps)``.
-
-    With ``staircase`` the exponent is floored (the rate drops every ``decay_steps`` steps).
-    """
-
-    def _scale(self, progress: Union[float, Tensor]) -> Union[float, Tensor]:
-        return self.initial_learning_rate * self.decay_rate ** progress
-
-
-class InverseTimeDecay(_DecaySchedule):
-    """Keras' InverseTimeDecay: ``initial_learning_rate / (1 + decay_rate * step / decay_steps)``.
-
-    With ``staircase`` ``step / decay_steps`` is floored.
-    """
-
-    def _scale(self, progress: Union[float, Tensor]) -> Union[float, Tensor]:
-        return self.initial_learning_rate / (1 + self.decay_rate * progress)
-
-
-SCHEDULES: dict[str, type] = {"ExponentialDecay": ExponentialDecay, "InverseTimeDecay": InverseTimeDecay}
-
-
-def serialize_schedule(schedule: Any) -> dict[str, Any]:
-    """``{"class_name": ..., "config": ...}``, Keras' form; only objects with ``get_config`` serialise."""
-    if not callable(getattr(schedule, "get_config", None)):
-        raise TypeError(
-            f"the learning rate {schedule!r} is a callable without get_config(), so the optimizer's config cannot "
-            "describe it: subclass triton_adadelta.keras.LearningRateSchedule (and pass the class in "
-            "custom_objects to from_config)"
-        )
-    return {"class_name": type(schedule).__name__, "config": schedule.get_config()}
-
-
-def deserialize_schedule(config: Mapping[str, Any], custom_objects: Optional[Mapping[str, Any]] = None) -> Any:
-    """The schedule ``config`` describes; ``custom_objects`` maps class names to the user's classes."""
-    if "class_name" not in config:
-        raise ValueError(f"a serialised learning-rate schedule needs a 'class_name', got {dict(config)}")
-    name = config["class_name"]
-    cls = (custom_objects or {}).get(name) or SCHEDULES.get(name)
-    if cls is None:
-        raise ValueError(f"Unknown learning rate schedule: {name}. Pass its class in custom_objects.")
-    inner = dict(config.get("config", {}))
-    if hasattr(cls, "from_config"):
-        return cls.from_config(inner)
-    return cls(**inner)
-
-
-def _is_schedule(value: Any) -> bool:
-    return callable(value) and not isinstance(value, (Tensor, numbers.Number))
-
-
-def _takes_step(schedule: Callable) -> bool:
-    """Whether a learning-rate callable is called with the step (Keras calls other callables with nothing).
-
-    A LearningRateSchedule, or any callable that accepts one positional argument, gets the step;
-    one that takes no arguments (Keras' ``learning_rate=lambda: 0.01``) is called without it.
-    """
-    if isinstance(schedule, LearningRateSchedule):
-        return True
-    try:
-        inspect.signature(schedule).bind(0)
-    except TypeError:
-        return False
-    except ValueError:  # no signature to inspect (some builtins): assume a schedule
-        return True
-    return True
-
-
-def schedule_value(schedule: Callable, step: Union[int, Tensor],
-                   takes_step: Optional[bool] = None) -> Union[float, Tensor]:
-    """The learning rate a schedule (or a Keras zero-argument callable) gives at ``step``;
-    ``takes_step``: :func:`_takes_step` of it, when the caller keeps it (the signature is slow to read)."""
-    return schedule(step) if (_takes_step(schedule) if takes_step is None else takes_step) else schedule()
-
-
-def _as_float(value: Union[float, Tensor]) -> float:
-    return float(value.reshape(())) if isinstance(value, Tensor) else float(value)
-
-
 # --------------------------------------------------------------------------------------------- arguments
-def _check_nonnegative(name: str, value: Any) -> Optional[float]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number or None, got {type(value).__name__} {value!r}")
-    if not value >= 0:  # NaN fails too
-        raise ValueError(f"Expected {name} >= 0, received: {value}")
-    return value
-
-
 def _same_value(a: Any, b: Any) -> bool:
     def as_float(x: Any) -> float:
         return float(x.reshape(())) if isinstance(x, Tensor) else float(x)
@@ -231,9 +98,9 @@ def resolve_arguments(
         allowed = "{" + ", ".join(repr(k) for k in KERAS_KWARGS) + "}"
         raise TypeError(f"Unexpected keyword argument passed to optimizer: {next(iter(kwargs))}. "
                         f"Allowed kwargs are {allowed}.")
-    clips = {k: _check_nonnegative(k, v) for k, v in
+    clips = {k: check_nonnegative(k, v) for k, v in
              (("clipnorm", clipnorm), ("clipvalue", clipvalue), ("global_clipnorm", global_clipnorm))}
-    decay = _check_nonnegative("decay", decay) or 0.0
+    decay = check_nonnegative("decay", decay) or 0.0
     if clips["clipnorm"] is not None and clips["global_clipnorm"] is not None:
         raise ValueError("Cannot accept both `clipnorm` and `global_clipnorm`. "
                          f"Received: `clipnorm`={clipnorm}, `global_clipnorm`={global_clipnorm}.")
@@ -245,9 +112,9 @@ def resolve_arguments(
                              "name for lr, pass one of them")
         lr = learning_rate
     schedule = None
-    if _is_schedule(lr):
+    if is_schedule(lr):
         schedule = lr
-        lr = _as_float(schedule_value(schedule, 0))
+        lr = as_float(schedule_value(schedule, 0))
     elif not lr_given and learning_rate is None:
         lr = 1.0
 
@@ -267,23 +134,6 @@ def _check_number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     return float(value)
-
-
-def _whole_number(name: str, value: Any) -> int:
-    """A non-negative whole number from an int, a float, a numpy scalar/array or a one-element tensor."""
-    if isinstance(value, Tensor):
-        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
-            raise TypeError(f"{name} must be a whole number, got a tensor of dtype {value.dtype} and shape "
-                            f"{tuple(value.shape)}")
-        v = float(value.reshape(()))
-    else:
-        arr = np.asarray(value)
-        if arr.size != 1 or arr.dtype.kind not in "iuf":
-            raise TypeError(f"{name} must be a whole number, got {value!r}")
-        v = float(arr.reshape(()))
-    if not (math.isfinite(v) and v >= 0 and v == int(v)):
-        raise ValueError(f"{name} must be a non-negative whole number, got {v}")
-    return int(v)
 
 
 def _describe(v: Any, i: Optional[int] = None) -> str:
@@ -344,7 +194,7 @@ def _load_pre_hook(opt: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(entry) - {"iterations", "slot_names"})
     if unknown:
         raise ValueError(f"loaded state dict's 'keras' entry has unknown keys {unknown}")
-    iterations = _whole_number("loaded state dict, keras iterations", entry.get("iterations", 0))
+    iterations = whole_number("loaded state dict, keras iterations", entry.get("iterations", 0))
     names = entry.get("slot_names", [])
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         raise TypeError("loaded state dict's keras slot_names must be a list of strings")
@@ -356,7 +206,11 @@ def _load_pre_hook(opt: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def _state_dict_post_hook(opt: Any, state_dict: dict[str, Any]) -> None:
-    opt._state_dict_extras(state_dict)
+    """Add ``"keras"``: ``{"iterations": 0-d int64 tensor, "slot_names": [...]}`` to a state_dict.
+
+    torch.optim.Adadelta ignores the extra entry when it loads the dict.
+    """
+    state_dict["keras"] = {"iterations": opt.iterations.detach().clone(), "slot_names": list(opt._user_slot_names)}
 
 
 def _load_post_hook(opt: Any) -> None:
@@ -371,32 +225,66 @@ def _load_post_hook(opt: Any) -> None:
             opt._user_slot_names.append(n)
 
 
+def _step_post_hook(opt: Any, args: Any, kwargs: Any) -> None:
+    """After a step: Keras' slot record takes the variables whose state the step created (state changes
+    only when state is made, so an ordinary step pays one comparison), and add_slot's unclaimed slots
+    are claimed."""
+    opt._unclaimed_slots.clear()
+    token = (id(opt.state), opt.state.version)
+    if token != opt._slot_log_token:
+        opt._log_new_slots([p for g in opt.param_groups for p in g["params"]
+                            if p.grad is not None and opt.state.get(p)])
+        opt._slot_log_token = (id(opt.state), opt.state.version)
+
+
 # --------------------------------------------------------------------------------------------- the mixin
-def _clip_property(name: str, doc: str) -> property:
-    """A Keras clip attribute: reads ``self._<name>``, writes through ``_set_clip`` (checks, exclusivity)."""
-
-    def get(self: Any) -> Optional[float]:
-        return getattr(self, "_" + name)
-
-    def set_(self: Any, value: Optional[float]) -> None:
-        self._set_clip(name, value)
-
-    return property(get, set_, doc=doc)
-
-
-class KerasOptimizerMixin:
-    """Keras' OptimizerV2 API on a torch optimizer with Adadelta's state (``square_avg``, ``acc_delta``).
-
-    The host class calls :meth:`_keras_init` after ``torch.optim.Optimizer.__init__`` and routes its
-    hooks ``_group_lr``, ``_grad_transforms`` and ``_after_step`` to the ``_keras_*`` methods here.
-    """
+class KerasHost(Protocol):
+    """What the Keras layer uses of the optimizer it is mixed into: torch's contract, plus the public
+    ``iterations``, ``lr_schedule``, ``clipping`` (a :class:`clipping.ClipSettings`) and :meth:`init_state`
+    of :class:`triton_adadelta.Adadelta`, which extends the mixin's :meth:`state_names` with its own."""
 
     param_groups: list[dict[str, Any]]
     state: Any
     defaults: dict[str, Any]
+    clipping: clipping.ClipSettings
+    lr_schedule: Optional[Callable]
+    iterations: Any
 
-    _PICKLED = ("name", "_clipnorm", "_clipvalue", "_global_clipnorm", "_lr_schedule", "_iterations",
-                "_iterations_host", "_iterations_version", "_slot_log", "_user_slot_names")
+    def add_param_group(self, param_group: dict[str, Any]) -> None: ...
+
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any: ...
+
+    def init_state(self, params: list[Tensor]) -> None: ...
+
+    def register_load_state_dict_pre_hook(self, hook: Callable, prepend: bool = False) -> Any: ...
+
+    def register_load_state_dict_post_hook(self, hook: Callable, prepend: bool = False) -> Any: ...
+
+    def register_state_dict_post_hook(self, hook: Callable, prepend: bool = False) -> Any: ...
+
+    def register_step_post_hook(self, hook: Callable) -> Any: ...
+
+
+def _clip_property(name: str, doc: str) -> property:
+    """A Keras clip attribute of the optimizer's :class:`clipping.ClipSettings` (checked when set)."""
+
+    def get(self: Any) -> Optional[float]:
+        return getattr(self.clipping, name)
+
+    def set_(self: Any, value: Optional[float]) -> None:
+        self.clipping.set(name, value)
+
+    return property(get, set_, doc=doc)
+
+
+class KerasOptimizerMixin(KerasHost if TYPE_CHECKING else object):
+    """Keras' OptimizerV2 API on a torch optimizer with Adadelta's state (``square_avg``, ``acc_delta``).
+
+    The host class calls :meth:`_keras_init` after ``torch.optim.Optimizer.__init__``; from then on the
+    mixin uses only :class:`KerasHost`'s members, and the host never calls the mixin.
+    """
+
+    _PICKLED = ("name", "_slot_log", "_user_slot_names")
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -411,69 +299,42 @@ class KerasOptimizerMixin:
             )
         return params
 
-    def _keras_init(self, *, name: str, clips: dict[str, Optional[float]], schedule: Optional[Callable]) -> None:
+    def _keras_init(self, *, name: str) -> None:
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
         self.name = name
-        self._clipnorm = clips["clipnorm"]
-        self._clipvalue = clips["clipvalue"]
-        self._global_clipnorm = clips["global_clipnorm"]
-        self._lr_schedule = schedule
-        first = next((p for g in self.param_groups for p in g["params"]), None)
-        device = local(first).device if first is not None else torch.device("cpu")
-        self._iterations = torch.zeros((), dtype=torch.int64, device=device)
-        self._iterations_host: Optional[int] = 0
-        self._iterations_version = self._iterations._version
         self._slot_log: list[tuple[Tensor, str]] = []
         self._user_slot_names: list[str] = []
         self._keras_transient()
 
     def _keras_transient(self) -> None:
-        """Attributes that are rebuilt rather than copied (caches, id-keyed sets, hooks)."""
+        """Attributes that are rebuilt rather than copied (id-keyed sets, hooks)."""
         self._slot_logged = {id(p) for p, n in self._slot_log if n == "accum_grad"}
+        self._slot_log_token: tuple = ()
         #: (id(var), slot) of Adadelta slots that exist only because add_slot made the other one: Keras
         #: would still create them from a later add_slot's initializer. Cleared by a step.
         self._unclaimed_slots: set[tuple[int, str]] = set()
-        self._lr_takes_step = self._lr_schedule is None or _takes_step(self._lr_schedule)
-        self._lr_zeroed = False  # set by each step (optimizer.py): DCP's first step at lr 0
-        self._norm_cache: dict = {}
-        #: Set by data-parallel setups: called with the step's squared norms ([per tensor..., total],
-        #: see clipping.squared_norms) before they become multipliers; all-reduce it in place (SUM) or
-        #: return the reduced tensor.
-        self._squared_norm_hook: Optional[Callable[[Tensor], Optional[Tensor]]] = None
         self._pending_keras: Optional[tuple] = None
         self.register_load_state_dict_pre_hook(_load_pre_hook)
         self.register_load_state_dict_post_hook(_load_post_hook)
-        # Our entries join state_dict() before any post-hook of the user's runs, so those hooks see them.
+        # Our entry joins state_dict() before any post-hook of the user's runs, so those hooks see it.
         self.register_state_dict_post_hook(_state_dict_post_hook, prepend=True)
+        self.register_step_post_hook(_step_post_hook)
 
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()  # type: ignore[misc]
+        state = super().__getstate__()
         for k in self._PICKLED:
             state[k] = self.__dict__.get(k)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)  # type: ignore[misc]
-        if self.__dict__.get("_iterations") is None:  # a pickle from before the Keras layer existed
-            self._iterations = torch.zeros((), dtype=torch.int64)
-            self._iterations_host = 0
+        super().__setstate__(state)
         self.__dict__.setdefault("name", "Adadelta")
-        for k in ("_clipnorm", "_clipvalue", "_global_clipnorm", "_lr_schedule"):
-            self.__dict__.setdefault(k, None)
         if self.__dict__.get("_slot_log") is None:
             self._slot_log = []
         if self.__dict__.get("_user_slot_names") is None:
             self._user_slot_names = []
-        self._iterations_version = self._iterations._version
         self._keras_transient()
-
-    def _keras_state_dict_entry(self, sd: dict[str, Any]) -> None:
-        """Add ``"keras"``: ``{"iterations": 0-d int64 tensor, "slot_names": [...]}`` to a state_dict.
-
-        torch.optim.Adadelta ignores the extra entry when it loads the dict.
-        """
-        sd["keras"] = {"iterations": self._iterations.detach().clone(), "slot_names": list(self._user_slot_names)}
 
     # ------------------------------------------------------------------ hyperparameters as attributes
     def _set_all(self, key: str, value: Any) -> None:
@@ -484,19 +345,18 @@ class KerasOptimizerMixin:
     @property
     def learning_rate(self) -> Any:
         """The schedule when there is one, else the first group's lr. Setting it sets every group's."""
-        return self._lr_schedule if self._lr_schedule is not None else self.param_groups[0]["lr"]
+        return self.lr_schedule if self.lr_schedule is not None else self.param_groups[0]["lr"]
 
     @learning_rate.setter
     def learning_rate(self, value: Any) -> None:
-        if _is_schedule(value):
-            lr = _as_float(schedule_value(value, 0))
-            self._check_hyperparameters(lr=lr)  # type: ignore[attr-defined]
-            self._lr_schedule = value
+        if is_schedule(value):
+            lr = as_float(schedule_value(value, 0))
+            check_hyperparameters(lr=lr)
+            self.lr_schedule = value
         else:
-            self._check_hyperparameters(lr=value)  # type: ignore[attr-defined]
-            self._lr_schedule = None
+            check_hyperparameters(lr=value)
+            self.lr_schedule = None
             lr = value
-        self._lr_takes_step = self._lr_schedule is None or _takes_step(self._lr_schedule)
         self._set_all("lr", lr)
 
     lr = learning_rate
@@ -508,7 +368,7 @@ class KerasOptimizerMixin:
 
     @rho.setter
     def rho(self, value: float) -> None:
-        self._check_hyperparameters(rho=value)  # type: ignore[attr-defined]
+        check_hyperparameters(rho=value)
         self._set_all("rho", value)
 
     @property
@@ -518,7 +378,7 @@ class KerasOptimizerMixin:
 
     @epsilon.setter
     def epsilon(self, value: float) -> None:
-        self._check_hyperparameters(eps=value)  # type: ignore[attr-defined]
+        check_hyperparameters(eps=value)
         self._set_all("eps", value)
 
     @property
@@ -528,116 +388,20 @@ class KerasOptimizerMixin:
 
     @decay.setter
     def decay(self, value: float) -> None:
-        self._set_all("decay", _check_nonnegative("decay", value) or 0.0)
-
-    def _set_clip(self, name: str, value: Optional[float]) -> None:
-        value = _check_nonnegative(name, value)
-        norm = value if name == "clipnorm" else self._clipnorm
-        global_norm = value if name == "global_clipnorm" else self._global_clipnorm
-        if norm is not None and global_norm is not None:
-            raise ValueError("Cannot accept both `clipnorm` and `global_clipnorm`. "
-                             f"Received: `clipnorm`={norm}, `global_clipnorm`={global_norm}.")
-        setattr(self, "_" + name, value)
+        self._set_all("decay", check_nonnegative("decay", value) or 0.0)
 
     clipnorm = _clip_property("clipnorm", "Per-tensor norm clip: ``g * c / max(||g||, c)``.")
     clipvalue = _clip_property("clipvalue", "Element clip: ``clamp(g, -c, c)``, before any norm clip.")
     global_clipnorm = _clip_property(
         "global_clipnorm", "Norm clip over all tensors: ``g * c * min(1 / G, 1 / c)``, G the global norm.")
 
-    # ------------------------------------------------------------------ iterations
-    @property
-    def iterations(self) -> Tensor:
-        """Steps taken (skipped GradScaler steps excluded): a 0-d int64 tensor on the parameters' device.
-
-        ``int(opt.iterations)`` reads it (a synchronisation on a GPU). Assigning an int sets it.
-        """
-        return self._iterations
-
-    @iterations.setter
-    def iterations(self, value: Any) -> None:
-        v = _whole_number("iterations", value)
-        with torch.no_grad():
-            self._iterations.fill_(v)
-        self._iterations_host = v
-        self._iterations_version = self._iterations._version
-
-    def _step_count(self, group: Optional[dict[str, Any]] = None) -> Union[int, Tensor]:
-        """iterations as a host int when known without a synchronisation, else the device tensor."""
-        it = self._iterations
-        if it._version != self._iterations_version:  # changed in place by the user (fill_, zero_, ...)
-            self._iterations_host = int(it) if it.device.type == "cpu" else None
-            self._iterations_version = it._version
-        if group is not None and group.get("capturable"):
-            return it  # a CUDA graph replays device reads, never a host number
-        if self._iterations_host is not None:
-            return self._iterations_host
-        return int(it) if it.device.type == "cpu" else it
-
-    # ------------------------------------------------------------------ the optimizer's hooks
-    def _keras_lr(self, group: dict[str, Any]) -> Union[float, Tensor]:
-        """lr (or ``schedule(iterations)``) divided by ``1 + decay * iterations``."""
-        decay = group.get("decay", 0.0)
-        if self._lr_schedule is None and not decay:
-            return group["lr"]
-        if self._lr_zeroed:  # a first step with every lr set to 0 (see step())
-            return 0.0
-        step = self._step_count(group)
-        if self._lr_schedule is None:
-            lr = group["lr"]
-        else:
-            lr = schedule_value(self._lr_schedule, step, self._lr_takes_step)
-        if decay:
-            lr = lr / (1 + decay * step)
-        return lr
-
-    def _keras_grad_transforms(
-        self, entries: list[tuple], grad_scale: Optional[Tensor], keys: Optional[list] = None
-    ) -> Any:
-        """Note new slots, then the step's clipping as a :class:`clipping.GradientTransform` (None: none).
-
-        ``keys``: each entry's kernel bucket or None (the optimizer's ``_route_keys``), computed when not given.
-        """
-        self._log_new_slots([e[2] for e in entries])
-        if self._clipvalue is None and self._clipnorm is None and self._global_clipnorm is None:
-            return None
-        if keys is None:
-            keys = self._route_keys(entries)  # type: ignore[attr-defined]
-        return clipping.build_transform(
-            [local(e[3]) for e in entries], [k is not None for k in keys], keys,
-            clip_value=self._clipvalue, clipnorm=self._clipnorm, global_clipnorm=self._global_clipnorm,
-            grad_scale=grad_scale, squared_norm_hook=self._squared_norm_hook, cache=self._norm_cache,
-            # FSDP2 / DTensor gradients: complete each tensor's squared norm across the mesh first.
-            per_tensor_hook=shard_norm_hook([e[3] for e in entries], self._norm_cache),
-        )
-
-    def _keras_after_step(self, found_inf: Optional[Tensor]) -> None:
-        """iterations += 1 on the device; by 0 when ``found_inf`` is set (no host read either way)."""
-        self._unclaimed_slots.clear()
-        it = self._iterations
-        if any(g.get("capturable") for g in self.param_groups):
-            # capturable promises no host read of a tensor, even of a CPU one (on a device it is a
-            # synchronisation, and a CUDA graph would replay a stale number): count on the device only.
-            it.add_(1 if found_inf is None else (found_inf.to(it.device).reshape(()) == 0).to(it.dtype))
-            self._iterations_host = None
-            self._iterations_version = it._version
-            return
-        self._step_count()  # notice a user's in-place change before counting on the host copy
-        if found_inf is None:
-            it.add_(1)
-            if self._iterations_host is not None:
-                self._iterations_host += 1
-        else:
-            flag = found_inf.to(it.device, non_blocking=it.device.type != "cpu").reshape(())
-            it.add_((flag == 0).to(it.dtype))
-            self._iterations_host = None if it.device.type != "cpu" else int(it)
-        self._iterations_version = it._version
-
-    def _keras_state_names(self) -> set[str]:
-        """User slot names a saved state entry may hold (those known, and those a loading dict declares)."""
-        names = set(self._user_slot_names)
+    def state_names(self, group: dict[str, Any], p: Tensor) -> tuple[set[str], set[str]]:
+        """(required, allowed) names of Keras' own per-parameter state: none required; add_slot's user
+        slots allowed (those known, and those a loading dict declares). The optimizer adds its names."""
+        allowed = set(self._user_slot_names)
         if self._pending_keras is not None:
-            names.update(self._pending_keras[1])
-        return names
+            allowed.update(self._pending_keras[1])
+        return set(), allowed
 
     # ------------------------------------------------------------------ variables and slots
     def _group_of(self, var: Tensor) -> Optional[dict[str, Any]]:
@@ -653,24 +417,16 @@ class KerasOptimizerMixin:
         """
         if not new_vars:
             return
-        had_params = any(g["params"] for g in self.param_groups)
         first = self.param_groups[0]
         count = len(self.param_groups)
         settings = {k: v for k, v in first.items() if k not in ("params", "initial_lr")}
         try:
-            self.add_param_group({"params": list(new_vars), **settings})  # type: ignore[attr-defined]
+            self.add_param_group({"params": list(new_vars), **settings})
         except BaseException:
             del self.param_groups[count:]
             raise
         added = self.param_groups.pop()
         first["params"].extend(added["params"])
-        self._forget_plans()  # type: ignore[attr-defined]
-        device = local(new_vars[0]).device
-        if not had_params and self._iterations.device != device:
-            # Keras creates iterations with the first variables: move it (value and all) to their device.
-            self._step_count()
-            self._iterations = self._iterations.to(device)
-            self._iterations_version = self._iterations._version
 
     def _log_new_slots(self, params: list[Tensor]) -> None:
         """Record Keras' slot creation order: accum_grad of each new variable, then accum_var of each."""
@@ -702,7 +458,7 @@ class KerasOptimizerMixin:
         Variables are listed in the order their slots were created (first step that had their gradient);
         the tensors are the live state (views into the flat buffers; re-read after new variables join).
         """
-        return [self._iterations] + [t for _, _, t in self._slot_entries()]
+        return [self.iterations] + [t for _, _, t in self._slot_entries()]
 
     def variables(self) -> list[Tensor]:
         """Same as :attr:`weights` (Keras' ``variables()``)."""
@@ -747,7 +503,7 @@ class KerasOptimizerMixin:
             if t.is_complex() and not p.is_complex():
                 raise TypeError("a complex weight for a real optimizer weight")
             values.append(t)
-        iterations = _whole_number("iterations (the first weight)", values[0])
+        iterations = whole_number("iterations (the first weight)", values[0])
         for i, t in enumerate(values[1:], 1):
             if t.device.type == "meta":
                 raise TypeError(f"weight {i} is a tensor on the meta device, which holds no values")
@@ -811,7 +567,7 @@ class KerasOptimizerMixin:
             self._adopt([var])
             group = self._group_of(var)
         if not self.state.get(var):
-            self._ensure_state([(group, [var])])  # type: ignore[attr-defined]
+            self.init_state([var])
             if slot_name in SLOT_NAMES:
                 other = "acc_delta" if SLOT_NAMES[slot_name] == "square_avg" else "square_avg"
                 self._unclaimed_slots.add((id(var), other))
@@ -899,7 +655,7 @@ class KerasOptimizerMixin:
         """
         pairs = self._check_pairs(grads_and_vars)
         if not pairs:
-            return self._iterations
+            return self.iterations
         present = [(g, v) for g, v in pairs if g is not None]
         if not present:
             names = [_describe(v, i) for i, (_, v) in enumerate(pairs)]
@@ -925,18 +681,17 @@ class KerasOptimizerMixin:
                 p.grad = None
             for g, v in present:
                 v.grad = g.detach() if g.dtype == v.dtype else g.detach().to(v.dtype)
-            self.step()  # type: ignore[attr-defined]
+            self.step()
         except BaseException:
             del self._slot_log[log_length:]
             self._slot_logged = {id(p) for p, n in self._slot_log if n == "accum_grad"}
             if not any(self.state.get(v) for v in adopted):  # refused before it wrote: unknown again
                 del self.param_groups[0]["params"][first_length:]
-                self._forget_plans()  # type: ignore[attr-defined]
             raise
         finally:
             for p, g in zip(everything, saved):
                 p.grad = g
-        return self._iterations
+        return self.iterations
 
     @staticmethod
     def _loss_value(loss: Any) -> Tensor:
@@ -1001,7 +756,7 @@ class KerasOptimizerMixin:
                 raise ValueError(f"Variable {_describe(v, i)} has `None` for gradient. Please make sure that all of "
                                  "your ops have a gradient defined (i.e. are differentiable). Common ops without "
                                  "gradient: K.argmax, K.round, K.eval.")
-        return grads  # type: ignore[return-value]
+        return [g for g in grads if g is not None]  # all of them, checked above
 
     # ------------------------------------------------------------------ config
     _NOT_IN_CONFIG = ("params", "lr", "rho", "eps", "decay", "seed", "initial_lr")
@@ -1019,7 +774,7 @@ class KerasOptimizerMixin:
         for k in ("clipnorm", "clipvalue", "global_clipnorm"):
             if getattr(self, k) is not None:
                 config[k] = _plain(getattr(self, k))
-        config["learning_rate"] = (serialize_schedule(self._lr_schedule) if self._lr_schedule is not None
+        config["learning_rate"] = (serialize_schedule(self.lr_schedule) if self.lr_schedule is not None
                                    else _plain(g0["lr"]))
         config["decay"] = _plain(g0.get("decay", 0.0))
         config["rho"] = _plain(g0["rho"])

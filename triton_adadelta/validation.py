@@ -19,6 +19,7 @@ import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -28,7 +29,8 @@ __all__ = [
     "check_hyperparameters",
     "check_options",
     "check_param_group",
-    "check_step",
+    "check_nonnegative",
+    "whole_number",
     "check_step_groups",
     "check_step_tensors",
     "check_state_dict",
@@ -116,11 +118,19 @@ def check_options(group: Mapping[str, Any]) -> None:
         raise RuntimeError("`fused` does not support `differentiable`")
     if group.get("fused") and group.get("foreach"):
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-    decay = group.get("decay", 0.0)  # Keras' time decay of the learning rate
-    if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
-        raise TypeError(f"decay must be a number, got {type(decay).__name__} {decay!r}")
-    if not decay >= 0:  # NaN fails too
-        raise ValueError(f"Expected decay >= 0, received: {decay}")
+    check_nonnegative("decay", group.get("decay", 0.0), optional=False)  # Keras' time decay of the learning rate
+
+
+def check_nonnegative(name: str, value: Any, optional: bool = True) -> Optional[float]:
+    """A Keras setting (clip values, decay): a real number >= 0 (Keras' message), or None when ``optional``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number{' or None' if optional else ''}, got {type(value).__name__} "
+                        f"{value!r}")
+    if not value >= 0:  # NaN fails too
+        raise ValueError(f"Expected {name} >= 0, received: {value}")
+    return value
 
 
 def check_master_dtypes(where: str, group: Mapping[str, Any], params: Iterable[Tensor]) -> None:
@@ -238,28 +248,19 @@ def _check_flag(name: str, t: Any) -> None:
         raise TypeError(f"{name} must be a floating point tensor, got {t.dtype}")
 
 
-def check_step(
-    param_groups: list[dict[str, Any]],
-    state: Mapping[Tensor, dict[str, Any]],
-    grad_scale: Optional[Tensor] = None,
-    found_inf: Optional[Tensor] = None,
-) -> None:
-    """Validate everything a step will read, before it writes anything. Metadata only: no synchronisation.
-
-    Contract: hyperparameters and options of every group valid (tensor values are not read); no
-    parameter in two groups or twice in one; for every parameter with a gradient: parameter dtype in
-    :data:`PARAM_DTYPES`, gradient dense, of the parameter's shape and device, of the parameter's
-    dtype (or float32 for a bfloat16/float16 parameter); existing state of the parameter's shape and
-    device; ``grad_scale`` / ``found_inf`` None or one-element floating tensors.
-    """
-    check_step_groups(param_groups, grad_scale, found_inf)
-    check_step_tensors(param_groups, state)
-
-
 def check_step_groups(
     param_groups: list[dict[str, Any]], grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None
 ) -> None:
-    """The part of :func:`check_step` that does not look at parameters: options, hyperparameters, flags."""
+    """The step checks that do not look at parameters: options, hyperparameters, GradScaler's flags.
+
+    Together with :func:`check_step_tensors` they validate everything a step will read before it
+    writes anything, from metadata only (no synchronisation): hyperparameters and options of every
+    group valid (tensor values are not read); no parameter in two groups or twice in one; for every
+    parameter with a gradient: parameter dtype in :data:`PARAM_DTYPES`, gradient dense, of the
+    parameter's shape and device, of the parameter's dtype (or float32 for a bfloat16/float16
+    parameter); existing state of the parameter's shape and device; ``grad_scale`` / ``found_inf``
+    None or one-element floating tensors.
+    """
     _check_flag("grad_scale", grad_scale)
     _check_flag("found_inf", found_inf)
     for group in param_groups:
@@ -287,7 +288,7 @@ def check_param_types(param_groups: list[dict[str, Any]]) -> None:
 
 
 def check_step_tensors(param_groups: list[dict[str, Any]], state: Mapping[Tensor, dict[str, Any]]) -> None:
-    """The part of :func:`check_step` that looks at parameters, gradients and state (metadata only)."""
+    """The step checks that look at parameters, gradients and state (metadata only; see check_step_groups)."""
     # A lean pass that only detects trouble (about a microsecond a tensor), and the slow pass, which
     # builds the message, only when something is wrong.
     seen: set[int] = set()
@@ -316,7 +317,7 @@ def check_step_tensors(param_groups: list[dict[str, Any]], state: Mapping[Tensor
 
 
 def _explain_step_error(param_groups: list[dict[str, Any]], state: Mapping[Tensor, dict[str, Any]]) -> None:
-    """Find the first problem :func:`check_step` detected and raise it with a message naming it."""
+    """Find the first problem :func:`check_step_tensors` detected and raise it with a message naming it."""
     seen: dict[int, tuple[int, int]] = {}
     for gi, group in enumerate(param_groups):
         for pi, p in enumerate(group["params"]):
@@ -355,7 +356,7 @@ def _explain_step_error(param_groups: list[dict[str, Any]], state: Mapping[Tenso
                         f"has shape {tuple(p.shape)} on {p.device}: it was resized or moved after its state was "
                         "created"
                     )
-    raise AssertionError("check_step found a problem that _explain_step_error cannot name")  # pragma: no cover
+    raise AssertionError("check_step_tensors found a problem that _explain_step_error cannot name")  # pragma: no cover
 
 
 # ------------------------------------------------------------------------------------- state_dict
@@ -515,3 +516,20 @@ def _cpu_nonfinite(ts: list[Tensor]) -> Tensor:
     extremes = list(torch._foreach_norm(small, float("inf"))) if small else []
     extremes += [x for t in ts if t.numel() >= 65536 for x in torch.aminmax(t)]  # one dtype: no casts
     return ~torch.stack(extremes).isfinite().all()
+
+
+def whole_number(name: str, value: Any) -> int:
+    """A non-negative whole number from an int, a float, a numpy scalar/array or a one-element tensor."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a whole number, got a tensor of dtype {value.dtype} and shape "
+                            f"{tuple(value.shape)}")
+        v = float(value.reshape(()))
+    else:
+        arr = np.asarray(value)
+        if arr.size != 1 or arr.dtype.kind not in "iuf":
+            raise TypeError(f"{name} must be a whole number, got {value!r}")
+        v = float(arr.reshape(()))
+    if not (math.isfinite(v) and v >= 0 and v == int(v)):
+        raise ValueError(f"{name} must be a non-negative whole number, got {v}")
+    return int(v)

@@ -1,0 +1,225 @@
+"""Where each tensor of a step goes: the step's signature, the path table, the kernel buckets and their plans.
+
+:func:`path_of` is docs/design.md's table of paths, the one place that decides it:
+
+==========  ================================================================================
+kernel      the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``), one launch per bucket
+cpu         the fused CPU path (kernels/adadelta_cpu.c), one call per dtype combination
+torch       the PyTorch path (reference.py), tensor by tensor; with ``differentiable``, torch's own
+==========  ================================================================================
+
+A :class:`Route` is kept between steps while the step's :func:`signature` and :func:`context` hold:
+the metadata of every parameter and gradient, the state dict's change count and each group's options.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import _triton, cpu_fused
+from .backends.triton import LaunchPlan
+from .shards import PLAIN, local
+from .state import StateKey, real_dtype
+
+__all__ = ["KERNEL", "CPU", "TORCH", "Member", "BucketKey", "Bucket", "Route", "signature", "context", "path_of",
+           "build", "fused_unavailable"]
+
+KERNEL, CPU, TORCH = "kernel", "cpu", "torch"
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # of parameters and state
+_SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+_STRIDED = torch.strided
+
+
+class Member(NamedTuple):
+    """A parameter that takes part in a step (it has a gradient), with its group."""
+
+    group_index: int
+    group: dict
+    param: Tensor
+
+
+class BucketKey(NamedTuple):
+    """What one kernel launch shares: flat state, gradient dtype (real view), stochastic rounding on."""
+
+    state: StateKey
+    grad_dtype: torch.dtype
+    stochastic: bool
+
+
+class Bucket(NamedTuple):
+    key: BucketKey
+    members: list[int]  # indices into Route.members
+    plan: LaunchPlan
+    plain: bool  # plain real tensors: their own addresses, no real views or local shards to take
+
+
+class Route(NamedTuple):
+    """Where the tensors of a step go, reused by the next step while its signature and context hold."""
+
+    context: tuple
+    signature: Optional[list]
+    members: list[Member]  # each parameter with a gradient, in param_groups order
+    paths: list[str]  # per member: KERNEL, CPU or TORCH
+    launches: list[Optional[BucketKey]]  # per member: the kernel launch it is in, or None
+    buckets: list[Bucket]  # the kernel's launches
+    cpu: list[int]  # members for the fused CPU path
+    torch: list[int]  # members for the PyTorch path
+    cpu_plans: dict  # cpu_fused.settings() -> the CPU backend's plan (made on first use)
+    params: list[Tensor]  # the members' parameters: the fused paths write them behind autograd's back
+
+
+def signature(param_groups: list[dict[str, Any]]) -> tuple[list[Tensor], Optional[list]]:
+    """The step's gradients, and per parameter what the checks and the routing of a step read of it.
+
+    An entry is ``id(p)`` for a parameter without a gradient, else the tuple of its and its gradient's
+    type, dtype, shape, device and contiguity (and :func:`_subclass_signature` for tensor subclasses).
+    The signature is None when a gradient is not strided (sparse): the full checks then name the problem.
+    """
+    grads: list[Tensor] = []
+    sig: list = []
+    for group in param_groups:
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                sig.append(id(p))
+                continue
+            if g.layout is not _STRIDED:
+                return grads, None
+            grads.append(g)
+            # (A parameter's negation bit is read when the route is built: it changes only with p.data.)
+            entry = (id(p), type(p), p.dtype, p.shape, p.device, p.is_contiguous(),
+                     type(g), g.dtype, g.shape, g.device, g.is_contiguous(), g.is_neg())
+            if type(p) not in PLAIN or type(g) not in PLAIN:
+                entry += _subclass_signature(p) + _subclass_signature(g)
+            sig.append(entry)
+    return grads, sig
+
+
+def _subclass_signature(t: Tensor) -> tuple:
+    """A DTensor's placements and its local shard's shape and contiguity (routing reads the shard);
+    for any other tensor subclass an object equal to nothing, so that its steps are routed afresh."""
+    if type(t) in PLAIN:
+        return ()
+    shard = local(t)
+    if shard is not t:  # a DTensor
+        return (tuple(t.placements), id(t.device_mesh), shard.shape, shard.is_contiguous())
+    return (object(),)
+
+
+def context(state: Any, param_groups: list[dict[str, Any]]) -> tuple:
+    """What a route depends on beyond the signature: the state dict (any change to it or to an entry:
+    a reset ``opt.state[p] = {}`` or a replaced tensor), triton, each group's options."""
+    return (id(state), getattr(state, "version", None),
+            _triton.HAS_TRITON, _triton.interpreting(),
+            tuple((id(g), g["fused"], g["differentiable"], g["state_dtype"], g["stochastic_rounding"],
+                   g["master_weights"]) for g in param_groups))
+
+
+def kernel_takes(group: dict[str, Any], p: Tensor, g: Tensor) -> bool:
+    """The kernel's row of the path table, for local tensors on a device the kernel runs on."""
+    if group["fused"] is False or group["differentiable"]:
+        return False
+    real = real_dtype(p)
+    if real not in _KERNEL_DTYPES or g.dtype not in (p.dtype, torch.float32):
+        return False
+    is_complex = real is not p.dtype
+    if is_complex and g.dtype != p.dtype:
+        return False
+    # The state dtype (state_key's rule without building the key): the group's, or the real dtype
+    # of a complex parameter or when the group follows the parameter (both kernel dtypes here).
+    sdt = group["state_dtype"]
+    if not (sdt is None or is_complex or sdt in _KERNEL_DTYPES):
+        return False
+    # A lazily negated tensor (is_neg(): its memory holds -value) is read right by torch's ops only.
+    return p.is_contiguous() and g.is_contiguous() and g.device == p.device and not (p.is_neg() or g.is_neg())
+
+
+def path_of(group: dict[str, Any], p: Tensor, g: Tensor, state: dict[str, Any], device_ok: bool) -> str:
+    """The path of parameter ``p`` with gradient ``g`` (either may be a DTensor) and state entry ``state``:
+    docs/design.md's table. ``device_ok``: the kernel runs on ``p``'s device (asked once per device)."""
+    pl, gl = local(p), local(g)
+    if device_ok and kernel_takes(group, pl, gl):
+        return KERNEL
+    if not (group["fused"] is False or group["stochastic_rounding"] or group["differentiable"]
+            or group["capturable"]) and cpu_fused.slot(p, g, state) is not None:
+        return CPU
+    return TORCH
+
+
+def _has_16bit_write(key: StateKey) -> bool:
+    """Does an update of this flat state round anything to 16 bits (a parameter without master, or state)?"""
+    return (key.param_dtype in _SIXTEEN_BIT and not key.master) or key.state_dtype in _SIXTEEN_BIT
+
+
+def bucket_key(group: dict[str, Any], key: StateKey, g: Tensor) -> BucketKey:
+    """The launch a kernel member joins. Groups share a launch; only the stochastic-rounding switch (a
+    compile-time branch) splits one, and it is off where there is no 16-bit write to round."""
+    return BucketKey(key, real_dtype(local(g)), bool(group["stochastic_rounding"]) and _has_16bit_write(key))
+
+
+BLOCK = 2048  # elements per program of the update kernel
+
+
+def build(param_groups: list[dict[str, Any]], store: Any, plans: dict, sig: Optional[list]) -> Route:
+    """Route the parameters that have a gradient (their state must be ready: StateStore.prepare):
+    choose each one's path, group the kernel's members in buckets, and find (or build) each bucket's
+    launch plan in ``plans``."""
+    members = [Member(gi, group, p) for gi, group in enumerate(param_groups) for p in group["params"]
+               if p.grad is not None]
+    any_differentiable = any(group["differentiable"] for group in param_groups)
+    device_ok: dict[torch.device, bool] = {}
+    paths = []
+    for m in members:
+        if any_differentiable:  # torch's functional update for everything, as autograd must see it all
+            paths.append(TORCH)
+            continue
+        dev = local(m.param).device
+        ok = device_ok.get(dev)
+        if ok is None:
+            ok = device_ok[dev] = _triton.kernel_device_ok(dev)
+        paths.append(path_of(m.group, m.param, m.param.grad, store.state.get(m.param, {}), ok))
+    by_bucket: dict[BucketKey, list[int]] = defaultdict(list)
+    for i, (m, path) in enumerate(zip(members, paths)):
+        if path == KERNEL:
+            by_bucket[bucket_key(m.group, store.flat_of(m.param).key, m.param.grad)].append(i)
+    buckets = []
+    for bkey, idx in by_bucket.items():
+        params = [members[i].param for i in idx]
+        groups = [members[i].group_index for i in idx]
+        plan_key = (bkey, tuple(id(p) for p in params), tuple(groups))
+        plan = plans.get(plan_key)
+        if plan is None:
+            vec = 16 // min(bkey.state.param_dtype.itemsize, bkey.grad_dtype.itemsize)  # elements in 128 bits
+            plan = plans[plan_key] = LaunchPlan(store.flats[bkey.state], params, groups, BLOCK, vec)
+        plain = all(type(p) in PLAIN and type(p.grad) in PLAIN and not p.is_complex() for p in params)
+        buckets.append(Bucket(bkey, idx, plan, plain))
+    launches: list[Optional[BucketKey]] = [None] * len(members)
+    for b in buckets:
+        for i in b.members:
+            launches[i] = b.key
+    return Route(context(store.state, param_groups), sig, members, paths, launches, buckets,
+                 [i for i, path in enumerate(paths) if path == CPU],
+                 [i for i, path in enumerate(paths) if path == TORCH], {}, [m.param for m in members])
+
+
+def fused_unavailable(device: torch.device) -> Optional[str]:
+    """None when a fused path can run on ``device`` (the Triton kernel, or on CPU the fused CPU path),
+    else why not (for the error of ``fused=True``)."""
+    if _triton.kernel_device_ok(device):
+        return None
+    if device.type == "cpu":
+        if not cpu_fused.ENABLED:
+            return "the fused CPU path is switched off (TRITON_ADADELTA_CPU_COMPILE=0)"
+        try:
+            cpu_fused.library()  # built (about a second) or loaded now, so that a failure shows here
+        except cpu_fused.BuildError as exc:
+            return f"the fused CPU path cannot be built: {exc}"
+        return None
+    if not _triton.HAS_TRITON:
+        return "triton is not installed"
+    return "the Triton kernel does not run on this device"
