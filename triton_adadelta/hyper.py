@@ -131,7 +131,6 @@ class HyperTables:
     def clear(self) -> None:
         self._tables.clear()
 
-    @torch.no_grad()
     def table(self, device: torch.device, groups: list[dict[str, Any]], lrs: list[Union[float, Tensor]],
               clip_value: Optional[float]) -> Tensor:
         """[G, NUM_COLUMNS] float32 on ``device``: the rows of ``groups`` with this step's ``lrs``.
@@ -159,8 +158,10 @@ class HyperTables:
             cached = self._tables[device] = (rows, cached[1], cached[2])
         table = cached[1]
         record_use(cached[2], (table,), device)
-        for i, lr in tensor_lrs:  # a device lr is read on the device: no synchronisation
-            table[i, 0].copy_(lr.reshape(()))
+        if tensor_lrs:
+            with torch.no_grad():  # (step() runs without autograd already; this keeps any caller so)
+                for i, lr in tensor_lrs:  # a device lr is read on the device: no synchronisation
+                    table[i, 0].copy_(lr.reshape(()))
         return table
 
 

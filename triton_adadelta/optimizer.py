@@ -127,6 +127,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         self._plans_generation = -1
         self._hyper = hyper.HyperTables()
         self._route: Optional[routing.Route] = None
+        self._checked_groups = validation.CheckedGroups()
         self._lr_zeroed = False  # set by each step: DCP's first step at lr 0
         self._norm_cache: dict = {}
         self.__dict__.setdefault("_squared_norm_hook", None)
@@ -373,9 +374,14 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
             found_inf = getattr(self, "found_inf", None)
         groups = self.param_groups
 
-        # 1. Check everything before anything is written (metadata only: no synchronisation).
-        self._fill_group_defaults()
-        validation.check_step_groups(groups, grad_scale, found_inf)
+        # 1. Check everything before anything is written (metadata only: no synchronisation); the groups
+        # that hold the same values as at the last step passed already.
+        unchecked = self._checked_groups.unchecked(groups)
+        if unchecked:
+            self._fill_group_defaults()
+            validation.check_step_groups(unchecked)
+            self._checked_groups.passed(groups)
+        validation.check_scaler_flags(grad_scale, found_inf)
         if self.defaults["differentiable"]:
             validation.check_differentiable(groups)
         # torch.distributed.checkpoint makes the state of a fresh optimizer with one step at lr 0 (and
@@ -389,14 +395,14 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         if not route.members:
             return loss
         # 3. Numbers: the skip flag, each group's learning rate.
-        if any(group["skip_nonfinite"] for group in groups):
+        if route.skip_nonfinite:
             found_inf, self._skipped_steps = hyper.nonfinite_found_inf(grads, found_inf, self._skipped_steps)
-        lrs = self._learning_rates()
+        lrs = self._learning_rates(route.capturable)
         self._store.refresh_masters()
         # 4. Clip multipliers (Keras' clipnorm, global_clipnorm, clipvalue), on the device.
         coefs = self._clip_multipliers(route, grads, grad_scale)
         # 5. The backends.
-        if any(group["differentiable"] for group in groups):
+        if route.differentiable:
             # As torch: the constructor's flag, not a group's, turns autograd on for the update.
             with torch.set_grad_enabled(bool(self.defaults["differentiable"])):
                 torch_backend.run_differentiable(route.members, grads, self.state, lrs, coefs, grad_scale, found_inf)
@@ -407,20 +413,31 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
             torch.autograd.graph.increment_version(route.params)
         # 6. Bookkeeping: iterations += 1 on the device (not when found_inf is set); buffers kept alive
         # for the streams that used them.
-        self._iters.advance(found_inf, any(group["capturable"] for group in groups))
+        self._iters.advance(found_inf, route.capturable)
         self._store.record_use()
         return loss
 
     def _routed(self) -> tuple[routing.Route, list[Tensor]]:
         """The step's route (the cached one while signature and context hold) and its gradients."""
+        route = self._route
+        context = None
+        if route is not None and route.watch is not None:
+            context = routing.context(self.state, self.param_groups)
+            if route.context == context:
+                grads = route.watch.grads(self.param_groups)
+                if grads is not None:
+                    return route, grads
         try:
             grads, signature = routing.signature(self.param_groups)
         except AttributeError:
             validation.check_param_types(self.param_groups)  # names a non-tensor in a group's params
             raise
-        route = self._route
-        if (signature is None or route is None or route.signature != signature
-                or route.context != routing.context(self.state, self.param_groups)):
+        if (signature is not None and route is not None and route.signature == signature
+                and route.context == (context or routing.context(self.state, self.param_groups))):
+            if route.watch is not None:  # it saw a change the signature does not read (strides): watch anew
+                route = self._route = route._replace(
+                    watch=routing.Watch.of(self.param_groups, route.params, grads))
+        else:
             validation.check_step_tensors(self.param_groups, self.state)
             self._store.prepare(self.param_groups, [(g, [p for p in g["params"] if p.grad is not None])
                                                     for g in self.param_groups])
@@ -430,12 +447,14 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
             route = self._route = routing.build(self.param_groups, self._store, self._plans, signature)
         return route, grads
 
-    def _learning_rates(self) -> list[Union[float, Tensor]]:
-        """Each group's learning rate of this step (hyper.group_lr)."""
+    def _learning_rates(self, capturable: bool = True) -> list[Union[float, Tensor]]:
+        """Each group's learning rate of this step (hyper.group_lr); ``capturable=False``: no group is
+        (the step knows it from its route), so no group's lr needs to be kept on the device."""
         groups = self.param_groups
-        for group in groups:
-            if group["capturable"]:
-                hyper.device_lr(group)
+        if capturable:
+            for group in groups:
+                if group["capturable"]:
+                    hyper.device_lr(group)
         return [hyper.group_lr(g, self._iters, self._schedule, self._schedule_takes_step, self._lr_zeroed)
                 for g in groups]
 

@@ -10,11 +10,15 @@ torch       the PyTorch path (reference.py), tensor by tensor; with ``differenti
 
 A :class:`Route` is kept between steps while the step's :func:`signature` and :func:`context` hold:
 the metadata of every parameter and gradient, the state dict's change count and each group's options.
+Where every tensor is a plain one, a :class:`Watch` checks the signature in bulk (see its docstring), so
+that a cached step reads each parameter's gradient once and leaves the metadata comparison to C++.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from itertools import repeat
+from operator import attrgetter, is_, is_not
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -25,8 +29,8 @@ from .backends.triton import LaunchPlan
 from .shards import PLAIN, local
 from .state import StateKey, real_dtype
 
-__all__ = ["KERNEL", "CPU", "TORCH", "Member", "BucketKey", "Bucket", "Route", "signature", "context", "path_of",
-           "build", "fused_unavailable"]
+__all__ = ["KERNEL", "CPU", "TORCH", "Member", "BucketKey", "Bucket", "Route", "Watch", "signature", "context",
+           "path_of", "build", "fused_unavailable"]
 
 KERNEL, CPU, TORCH = "kernel", "cpu", "torch"
 
@@ -56,6 +60,8 @@ class Bucket(NamedTuple):
     members: list[int]  # indices into Route.members
     plan: LaunchPlan
     plain: bool  # plain real tensors: their own addresses, no real views or local shards to take
+    params: list[Tensor]  # the members' parameters, in launch order
+    every_member: bool  # members == range(len(Route.members)): the step's gradient list is this launch's
 
 
 class Route(NamedTuple):
@@ -71,6 +77,97 @@ class Route(NamedTuple):
     torch: list[int]  # members for the PyTorch path
     cpu_plans: dict  # cpu_fused.settings() -> the CPU backend's plan (made on first use)
     params: list[Tensor]  # the members' parameters: the fused paths write them behind autograd's back
+    watch: Optional["Watch"]  # the bulk check of the signature, where every tensor is a plain one
+    differentiable: bool  # some group is: torch's functional update for everything
+    skip_nonfinite: bool  # some group checks its gradients for NaN/Inf
+    capturable: bool  # some group is: no host read of a tensor, iterations counted on the device only
+
+
+_GRAD = attrgetter("grad")
+_TENSOR_GUARDS: Any = False  # torch's C++ tensor check, or None where absent or not as expected (looked up once)
+
+
+def _tensor_guards() -> Any:
+    """torch's ``TensorGuards`` (torch._C._dynamo.guards, what torch.compile guards its graphs with), or
+    None. It is internal to torch, so it is taken only after it has shown, on tensors made here, that it
+    tells apart everything the signature does (and the route depends on); else the Python signature serves."""
+    global _TENSOR_GUARDS
+    if _TENSOR_GUARDS is False:
+        _TENSOR_GUARDS = None
+        try:
+            from torch._C._dynamo.guards import TensorGuards
+        except ImportError:
+            return None
+        try:
+            ok = _guards_tell_apart(TensorGuards)
+        except Exception:  # any other interface than the one tested: not used
+            ok = False
+        if ok:
+            _TENSOR_GUARDS = TensorGuards
+    return _TENSOR_GUARDS
+
+
+def _guards_tell_apart(guards_class: Any) -> bool:
+    """Does a guard over (parameter, gradient) pass the same metadata and fail every change a route notices?"""
+    p = torch.nn.Parameter(torch.zeros(4, 3))
+    g = torch.zeros(4, 3)
+    guard = guards_class(p, g, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+    if not guard.check(torch.nn.Parameter(torch.ones(4, 3)), torch.ones(4, 3)):
+        return False
+    changed_grads = [
+        None,  # no gradient
+        torch.zeros(4, 3, dtype=torch.float64),  # dtype
+        torch.zeros(3, 4),  # shape
+        torch.zeros(3, 4).t(),  # contiguity
+        torch._neg_view(g),  # negation bit
+        torch.zeros(4, 3).to_sparse(),  # layout
+        torch.nn.Parameter(torch.zeros(4, 3), requires_grad=False),  # type
+        torch.zeros(4, 3, device="meta"),  # device
+    ]
+    return not any(guard.check(p, other) for other in changed_grads)
+
+
+class Watch:
+    """The signature of a route whose tensors are all plain, checked in bulk.
+
+    The step's parameters must be the same objects in the same groups, the same ones must have a
+    gradient, and every such parameter and gradient must have the same type, dtype, device, shape,
+    strides and dispatch keys (which hold the layout and the negation and conjugation bits) as when the
+    route was built: what :func:`signature` compares, read and compared in C++ by torch's own tensor
+    guard. A change not seen here that the Python signature would see does not exist (the guard is
+    stricter: strides, not only contiguity); one seen here that the signature would not see makes the
+    optimizer read the signature and, while that still holds, take a fresh watch.
+    """
+
+    def __init__(self, guards_class: Any, param_groups: list[dict[str, Any]], params: list[Tensor],
+                 grads: list[Tensor]) -> None:
+        self.groups = [list(g["params"]) for g in param_groups]
+        self.params = params  # those with a gradient, in param_groups order
+        self.without_grad = [p for g in param_groups for p in g["params"] if p.grad is None]
+        self.guard = guards_class(*params, *grads, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+
+    @classmethod
+    def of(cls, param_groups: list[dict[str, Any]], params: list[Tensor], grads: list[Tensor]) -> Optional[Watch]:
+        """A watch over these parameters (those with a gradient) and their gradients, or None where a
+        tensor is not a plain one (a DTensor's placements are not metadata the guard reads) or torch's
+        guard is not available."""
+        guards_class = _tensor_guards()
+        if guards_class is None or not all(type(t) in PLAIN for t in params + grads):
+            return None
+        return cls(guards_class, param_groups, params, grads)
+
+    def grads(self, param_groups: list[dict[str, Any]]) -> Optional[list[Tensor]]:
+        """The step's gradients (of :attr:`params`) when the signature holds, else None."""
+        if len(param_groups) != len(self.groups):
+            return None
+        for group, seen in zip(param_groups, self.groups):
+            params = group["params"]
+            if len(params) != len(seen) or not all(map(is_, params, seen)):
+                return None
+        grads = list(map(_GRAD, self.params))
+        if self.without_grad and any(map(is_not, map(_GRAD, self.without_grad), repeat(None))):
+            return None
+        return grads if self.guard.check(*self.params, *grads) else None
 
 
 def signature(param_groups: list[dict[str, Any]]) -> tuple[list[Tensor], Optional[list]]:
@@ -113,11 +210,12 @@ def _subclass_signature(t: Tensor) -> tuple:
 
 def context(state: Any, param_groups: list[dict[str, Any]]) -> tuple:
     """What a route depends on beyond the signature: the state dict (any change to it or to an entry:
-    a reset ``opt.state[p] = {}`` or a replaced tensor), triton, each group's options."""
+    a reset ``opt.state[p] = {}`` or a replaced tensor), triton, each group's options (those of the
+    path table, and those the step reads as the route's flags)."""
     return (id(state), getattr(state, "version", None),
             _triton.HAS_TRITON, _triton.interpreting(),
             tuple((id(g), g["fused"], g["differentiable"], g["state_dtype"], g["stochastic_rounding"],
-                   g["master_weights"]) for g in param_groups))
+                   g["master_weights"], g["skip_nonfinite"], g["capturable"]) for g in param_groups))
 
 
 def kernel_takes(group: dict[str, Any], p: Tensor, g: Tensor) -> bool:
@@ -197,14 +295,18 @@ def build(param_groups: list[dict[str, Any]], store: Any, plans: dict, sig: Opti
             vec = 16 // min(bkey.state.param_dtype.itemsize, bkey.grad_dtype.itemsize)  # elements in 128 bits
             plan = plans[plan_key] = LaunchPlan(store.flats[bkey.state], params, groups, BLOCK, vec)
         plain = all(type(p) in PLAIN and type(p.grad) in PLAIN and not p.is_complex() for p in params)
-        buckets.append(Bucket(bkey, idx, plan, plain))
+        buckets.append(Bucket(bkey, idx, plan, plain, params, idx == list(range(len(members)))))
     launches: list[Optional[BucketKey]] = [None] * len(members)
     for b in buckets:
         for i in b.members:
             launches[i] = b.key
+    params = [m.param for m in members]
     return Route(context(store.state, param_groups), sig, members, paths, launches, buckets,
                  [i for i, path in enumerate(paths) if path == CPU],
-                 [i for i, path in enumerate(paths) if path == TORCH], {}, [m.param for m in members])
+                 [i for i, path in enumerate(paths) if path == TORCH], {}, params,
+                 None if sig is None else Watch.of(param_groups, params, [p.grad for p in params]),
+                 any_differentiable, any(group["skip_nonfinite"] for group in param_groups),
+                 any(group["capturable"] for group in param_groups))
 
 
 def fused_unavailable(device: torch.device) -> Optional[str]:

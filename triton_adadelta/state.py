@@ -508,9 +508,13 @@ class StateStore:
             if "master" in st and "master" in old and st["master"].dtype == old["master"].dtype == torch.float32:
                 local(st["master"]).copy_(old["master"])
 
-    @torch.no_grad()
     def refresh_masters(self) -> None:
         """master = parameter (remainder = 0) for the parameters a load found without a master."""
+        if self.master_from_param:  # (every step asks; almost never is there anything to do)
+            with torch.no_grad():
+                self._masters_from_params()
+
+    def _masters_from_params(self) -> None:
         pending = self.master_from_param
         while pending:
             p = pending.pop()

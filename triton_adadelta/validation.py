@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable, Mapping
+from operator import is_
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -31,6 +32,8 @@ __all__ = [
     "check_param_group",
     "check_nonnegative",
     "whole_number",
+    "check_scaler_flags",
+    "CheckedGroups",
     "check_step_groups",
     "check_step_tensors",
     "check_state_dict",
@@ -248,6 +251,44 @@ def _check_flag(name: str, t: Any) -> None:
         raise TypeError(f"{name} must be a floating point tensor, got {t.dtype}")
 
 
+def check_scaler_flags(grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    """GradScaler's ``grad_scale`` / ``found_inf``: None or one-element floating tensors."""
+    if grad_scale is not None or found_inf is not None:
+        _check_flag("grad_scale", grad_scale)
+        _check_flag("found_inf", found_inf)
+
+
+class CheckedGroups:
+    """The param groups as :func:`check_step_groups` last passed them, so that a step checks again only
+    the groups that changed.
+
+    A group that holds the very same keys and value objects as when it passed needs no new check:
+    every value that passes is immutable (numbers, bools, None, strings, dtypes), so the same object
+    is the same valid value. A group with a tensor value (a tensor lr, which can change its shape in
+    place) is checked at every step.
+    """
+
+    def __init__(self) -> None:
+        self._passed: list[Optional[tuple[dict, tuple, list]]] = []
+
+    def unchecked(self, param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The groups that did not pass as they are now (all of them when the list of groups changed)."""
+        passed = self._passed
+        if len(passed) != len(param_groups):
+            return param_groups
+        changed = []
+        for group, seen in zip(param_groups, passed):
+            if (seen is None or group is not seen[0] or tuple(group) != seen[1]
+                    or not all(map(is_, group.values(), seen[2]))):
+                changed.append(group)
+        return changed
+
+    def passed(self, param_groups: list[dict[str, Any]]) -> None:
+        """``param_groups`` passed :func:`check_step_groups` (with the optimizer's defaults filled in)."""
+        self._passed = [None if any(isinstance(v, Tensor) for v in group.values())
+                        else (group, tuple(group), list(group.values())) for group in param_groups]
+
+
 def check_step_groups(
     param_groups: list[dict[str, Any]], grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None
 ) -> None:
@@ -261,8 +302,7 @@ def check_step_groups(
     parameter); existing state of the parameter's shape and device; ``grad_scale`` / ``found_inf``
     None or one-element floating tensors.
     """
-    _check_flag("grad_scale", grad_scale)
-    _check_flag("found_inf", found_inf)
+    check_scaler_flags(grad_scale, found_inf)
     for group in param_groups:
         check_hyperparameters(read_tensors=False, lr=group["lr"], rho=group["rho"], eps=group["eps"],
                               weight_decay=group["weight_decay"])

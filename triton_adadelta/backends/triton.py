@@ -26,10 +26,16 @@ from . import tables
 __all__ = ["LaunchPlan", "run"]
 
 
-def _triton_dtype(dtype: torch.dtype) -> Any:
-    import triton.language as tl
+_data_ptr = Tensor.data_ptr
+_TRITON_DTYPES: dict[torch.dtype, Any] = {}
 
-    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+def _triton_dtype(dtype: torch.dtype) -> Any:
+    if not _TRITON_DTYPES:  # filled on first use: importing the package never needs triton
+        import triton.language as tl
+
+        _TRITON_DTYPES.update({torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16})
+    return _TRITON_DTYPES[dtype]
 
 
 class LaunchPlan:
@@ -66,7 +72,7 @@ class LaunchPlan:
         A tensor is marked aligned only when both addresses are 16-byte aligned and its numel is a
         multiple of ``vec``: only then may the kernel promise 128-bit accesses.
         """
-        return self.pointers.refresh([p.data_ptr() for p in params], [g.data_ptr() for g in grads])
+        return self.pointers.refresh(list(map(_data_ptr, params)), list(map(_data_ptr, grads)))
 
     def tables(self) -> tuple[Tensor, ...]:
         return (self.tensor_meta, self.chunk_tensor, self.chunk_block, self.step_slots, self._ones)
@@ -101,8 +107,8 @@ def run(buckets: Sequence[Any], members: Sequence[Any], grads: Sequence[Tensor],
         plan, key, idx = bucket.plan, bucket.key.state, bucket.members
         flat, device = plan.flat, key.device
         if bucket.plain:
-            params = [members[i].param for i in idx]
-            gs = [grads[i] for i in idx]
+            params = bucket.params
+            gs = grads if bucket.every_member else [grads[i] for i in idx]
         else:
             params = [real_view(local(members[i].param)) for i in idx]
             gs = [real_view(local(grads[i])) for i in idx]
