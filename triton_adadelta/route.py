@@ -77,7 +77,7 @@ class Route(NamedTuple):
     torch: list[int]  # members for the PyTorch path
     cpu_plans: dict  # cpu_fused.settings() -> the CPU backend's plan (made on first use)
     params: list[Tensor]  # the members' parameters: the fused paths write them behind autograd's back
-    watch: Optional["Watch"]  # the bulk check of the signature, where every tensor is a plain one
+    watch: Optional[Watch]  # the bulk check of the signature, where every tensor is a plain one
     differentiable: bool  # some group is: torch's functional update for everything
     skip_nonfinite: bool  # some group checks its gradients for NaN/Inf
     capturable: bool  # some group is: no host read of a tensor, iterations counted on the device only
