@@ -613,3 +613,16 @@ def test_fused_meta_parameters_are_refused_when_a_step_needs_them():
     with pytest.raises(RuntimeError, match="`fused=True` requires CUDA tensors or CPU tensors .* on meta"):
         opt.step()
     assert not any(opt.state.values())
+
+
+def test_a_flag_in_the_state_is_no_parameters_state():
+    """Keras' slot names and the state's byte count (compare.py) look at parameters' state only."""
+    from triton_adadelta.compare import state_bytes
+
+    p = torch.randn(5, requires_grad=True)
+    opt = Adadelta([p])
+    opt.state["flag"] = {"a": torch.zeros(1000)}
+    assert opt.get_slot_names() == [] and state_bytes(opt) == 0
+    p.grad = torch.randn(5)
+    opt.step()
+    assert opt.get_slot_names() == ["accum_grad", "accum_var"] and state_bytes(opt) > 0
