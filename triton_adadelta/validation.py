@@ -222,13 +222,16 @@ def check_fused_devices(param_groups: list[dict[str, Any]], device_ok: Callable[
                         with_grad_only: bool = True) -> None:
     """``fused=True``: every parameter (with a gradient, unless ``with_grad_only`` is False) is on a device a
     fused path runs on (``device_ok`` returns None, or the reason it cannot); a RuntimeError names the device."""
+    reasons: dict[torch.device, Optional[str]] = {}  # asked once per device
     for group in param_groups:
         if not group.get("fused"):
             continue
         for p in group["params"]:
             if with_grad_only and p.grad is None:
                 continue
-            why = device_ok(p.device)
+            if p.device not in reasons:
+                reasons[p.device] = device_ok(p.device)
+            why = reasons[p.device]
             if why is not None:
                 raise RuntimeError(
                     f"`fused=True` requires CUDA tensors or CPU tensors with the fused CPU path; "
