@@ -384,6 +384,11 @@ def _clip_property(name: str, doc: str) -> property:
     return property(get, set_, doc=doc)
 
 
+# Keys that only Keras 3's optimizer configs have (its base Optimizer writes them all).
+_KERAS3_ONLY_KEYS = ("use_ema", "ema_momentum", "ema_overwrite_frequency", "loss_scale_factor",
+                     "gradient_accumulation_steps")
+
+
 class KerasOptimizerMixin:
     """Keras' OptimizerV2 API on a torch optimizer with Adadelta's state (``square_avg``, ``acc_delta``).
 
@@ -1036,6 +1041,12 @@ class KerasOptimizerMixin:
         ``lr`` is renamed ``learning_rate``; a dict learning rate is a schedule (``custom_objects``
         resolves its class name); dtype names become dtypes.
         """
+        keras3_keys = [k for k in _KERAS3_ONLY_KEYS if k in config]
+        if keras3_keys:
+            raise TypeError(
+                f"this is a Keras 3 optimizer config (it has {keras3_keys}); triton_adadelta.Adadelta speaks "
+                "tf.keras 2's API. For Keras 3 (KERAS_BACKEND=torch) use "
+                "triton_adadelta.keras3.Adadelta.from_config(config)")
         config = dict(config)
         config.pop("is_legacy_optimizer", None)
         if "lr" in config:
