@@ -45,6 +45,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 from triton_adadelta import Adadelta  # noqa: E402
 
+
 @pytest.fixture(autouse=True)
 def cpu_fused_path(monkeypatch):
     """The fused CPU path (conftest selects the Triton interpreter without a GPU: correct, but slow for

@@ -155,31 +155,52 @@ def test_the_fused_path_ran(path, monkeypatch):
     assert_same_numbers(ours, theirs)
 
 
-def test_bf16_weights_keep_fp32_state_and_match_the_reference():
+@pytest.mark.parametrize("options", [dict(), dict(master_weights=True), dict(master_weights="remainder"),
+                                     dict(stochastic_rounding=True, seed=7)])
+def test_bf16_weights_keep_fp32_state_and_match_the_reference(options):
     model = make_model(dtype="bfloat16")
-    opt = Adadelta(learning_rate=1.0)
+    opt = Adadelta(learning_rate=1.0, **options)
     variables = model.trainable_variables
     opt.build(variables)
-    assert [v.dtype for v in variables] == ["bfloat16"] * 4
-    assert [v.dtype for v in opt.variables[2:]] == ["float32"] * 8
+    n = len(variables)
+    assert [v.dtype for v in variables] == ["bfloat16"] * n
+    assert [v.dtype for v in opt.variables[2:2 + 2 * n]] == ["float32"] * 2 * n
+    masters = opt.variables[2 + 2 * n:]
+    if options.get("master_weights"):
+        assert [v.name.endswith("_master") for v in masters] == [True] * n
+        assert {v.dtype for v in masters} == {"int16" if options["master_weights"] == "remainder" else "float32"}
+    else:
+        assert masters == []
     params = [v.value.detach().clone() for v in variables]
+    fp32 = [p.float() for p in params]  # the master copies of the reference (the remainder mode's value too)
     states = [(torch.zeros_like(p, dtype=torch.float32), torch.zeros_like(p, dtype=torch.float32)) for p in params]
+    torch_opt = opt.torch_optimizer
     gen = torch.Generator().manual_seed(3)
-    for _ in range(3):
+    for step in range(3):
         grads = [torch.randn(p.shape, generator=gen).to(torch.bfloat16) for p in params]
         opt.apply(grads, variables)
-        for p, g, (v, u) in zip(params, grads, states):
-            reference.adadelta_update_(p, g, v, u, lr=1.0, rho=0.95, eps=1e-7)
+        for i, (p, g, (v, u)) in enumerate(zip(params, grads, states)):
+            rng = None
+            if options.get("stochastic_rounding"):  # the stream our optimizer keys by seed, flat offset and step
+                flat_offset = torch_opt.state[torch_opt.param_groups[0]["params"][i]]["square_avg"].storage_offset()
+                rng = reference.PhiloxStream(torch.tensor(step), opt.seed * 64 + 1, flat_offset)
+            reference.adadelta_update_(p, g, v, u, lr=1.0, rho=0.95, eps=1e-7,
+                                       master=fp32[i] if options.get("master_weights") else None,
+                                       stochastic_rounding=bool(options.get("stochastic_rounding")), rng=rng)
     for var, p in zip(variables, params):
         assert torch.equal(var.value, p)
     for slot, ref in zip(opt.variables[2:], [t for pair in states for t in pair]):
         assert torch.equal(slot.value, ref)
+    if options.get("master_weights") is True:
+        for master, ref in zip(masters, fp32):
+            assert torch.equal(master.value, ref)
 
 
 @pytest.mark.parametrize("dtype, options", [
     (None, dict(learning_rate=1.0, clipnorm=0.05, weight_decay=0.1)),
     ("bfloat16", dict(learning_rate=1.0, stochastic_rounding=True)),
     (None, dict(learning_rate="schedule", gradient_accumulation_steps=2, use_ema=True)),
+    ("bfloat16", dict(learning_rate=1.0, master_weights=True)),
 ])
 def test_save_and_load_model_continue_exactly(tmp_path, dtype, options):
     model = fit(Adadelta(**_resolve(options)), dtype=dtype, epochs=1)
@@ -215,8 +236,10 @@ def test_config_round_trip():
 
 
 def test_clear_errors(monkeypatch):
-    with pytest.raises(ValueError, match="master_weights is not supported on Keras 3.*mixed_bfloat16"):
-        Adadelta(master_weights=True)
+    with pytest.raises(ValueError, match="master_weights cannot be combined with weight_decay"):
+        Adadelta(master_weights=True, weight_decay=0.1)
+    with pytest.raises(TypeError, match="master_weights must be a bool or 'remainder'"):
+        Adadelta(master_weights="float32")
     with pytest.raises(ValueError, match="rho"):
         Adadelta(rho=1.5)
     with pytest.raises(ValueError, match="epsilon|eps"):

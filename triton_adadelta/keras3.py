@@ -66,9 +66,10 @@ class Adadelta(keras.optimizers.Adadelta):
     Args beyond Keras': ``state_dtype`` (float32 by default: bfloat16 variables keep float32
     accumulators; None follows the variable dtype, as Keras), ``stochastic_rounding`` (bfloat16/float16
     writes rounded stochastically, a Philox stream keyed by ``seed`` and the step), ``fused`` (None: the
-    fused path where there is one; True: insist; False: the PyTorch reference path) and ``seed``
-    (drawn from ``torch.initial_seed()`` when None; saved in the config). ``master_weights`` is refused:
-    see :meth:`__init__`.
+    fused path where there is one; True: insist; False: the PyTorch reference path), ``seed``
+    (drawn from ``torch.initial_seed()`` when None; saved in the config) and ``master_weights`` (True:
+    a float32 copy of each bfloat16/float16 variable; "remainder": its int16 low halves; both kept as
+    optimizer variables named ``..._master`` after Keras' ones, so that they are saved with the model).
     """
 
     def __init__(
@@ -99,18 +100,17 @@ class Adadelta(keras.optimizers.Adadelta):
             raise RuntimeError(
                 "triton_adadelta.keras3.Adadelta runs on Keras' torch backend only (set KERAS_BACKEND=torch "
                 f"before importing keras); this Keras uses the {backend!r} backend")
-        if master_weights:
-            raise ValueError(
-                "master_weights is not supported on Keras 3: Keras saves only its own variables, so float32 "
-                "master copies of bfloat16 variables would be lost by model.save/load_model. Keras' mixed "
-                "precision policy 'mixed_bfloat16' keeps float32 variables (the master weights) and computes "
-                "in bfloat16: use it, or stochastic_rounding=True for bfloat16 variables")
+        if master_weights and (weight_decay or (use_ema and ema_overwrite_frequency)):
+            # Keras applies these by writing the variables directly, which the master copies would undo.
+            raise ValueError("master_weights cannot be combined with weight_decay or with use_ema's "
+                             "ema_overwrite_frequency: Keras writes those into the variables outside the update, "
+                             "and the next update would start again from the master copies")
         state_dtype = _torch_dtype(state_dtype)
         # Our optimizer checks every option now (with no parameters yet), so that a bad one fails here.
         # Keras' learning rate is handed over at each step; clipping happens inside our update.
         torch_kwargs = dict(
             lr=0.0, rho=rho, eps=epsilon, fused=fused, state_dtype=state_dtype,
-            stochastic_rounding=stochastic_rounding,
+            stochastic_rounding=stochastic_rounding, master_weights=master_weights,
             clipnorm=clipnorm or None, clipvalue=clipvalue or None, global_clipnorm=global_clipnorm or None)
         probe = TorchAdadelta(None, **torch_kwargs)
         super().__init__(
@@ -122,6 +122,7 @@ class Adadelta(keras.optimizers.Adadelta):
         self._torch_kwargs = torch_kwargs
         self.state_dtype = state_dtype
         self.stochastic_rounding = stochastic_rounding
+        self.master_weights = master_weights
         self.fused = fused
         self.seed = int(probe.param_groups[0]["seed"]) if seed is None else int(seed)
         self._torch_optimizer: Optional[TorchAdadelta] = None
@@ -138,18 +139,18 @@ class Adadelta(keras.optimizers.Adadelta):
         of our optimizer's flat state, zeroed."""
         if self.built:
             return
-        keras.optimizers.Optimizer.build(self, var_list)  # not Keras Adadelta's: we make its slots
         trained = [v for v in var_list if not self._overwrite_variable_with_gradient(v)]
+        if self.master_weights and any(v.constraint is not None for v in trained):
+            raise ValueError("master_weights cannot be used with variable constraints: Keras applies them to the "
+                             "variables after the update, and the next update would start from the master copies")
+        keras.optimizers.Optimizer.build(self, var_list)  # not Keras Adadelta's: we make its slots
         params = [v.value for v in trained]
         opt = TorchAdadelta(params, **self._torch_kwargs)
         for group in opt.param_groups:
             group["seed"] = self.seed
         # Our state is made at the first step; loading a zero state makes it (flat, in variable order) now.
         sd = opt.state_dict()
-        sd["state"] = {i: {"step": torch.zeros((), dtype=torch.float32),
-                           "square_avg": torch.zeros_like(p, dtype=self._state_dtype_of(p)),
-                           "acc_delta": torch.zeros_like(p, dtype=self._state_dtype_of(p))}
-                       for i, p in enumerate(params)}
+        sd["state"] = {i: self._initial_state(p) for i, p in enumerate(params)}
         opt.load_state_dict(sd)
         self._torch_optimizer = opt
         self._torch_params = {id(v): p for v, p in zip(trained, params)}
@@ -164,9 +165,24 @@ class Adadelta(keras.optimizers.Adadelta):
                 out.append(self._state_variable(v, name, state[ours]))
         self._accumulated_grads = accumulated_grads
         self._accumulated_delta_vars = accumulated_delta_vars
+        # master_weights: the float32 copies (int16 low halves for "remainder") of 16-bit variables, after
+        # Keras' variables, so that model.save keeps them and load_model continues from them.
+        masters = []
+        for v in var_list:
+            state = opt.state[self._torch_params[id(v)]] if id(v) in self._torch_params else {}
+            masters.append(self._state_variable(v, "master", state["master"]) if "master" in state else None)
+        self._master_weights = masters
 
-    def _state_dtype_of(self, p: Tensor) -> torch.dtype:
-        return p.dtype if self.state_dtype is None or p.dtype == torch.float64 else self.state_dtype
+    def _initial_state(self, p: Tensor) -> dict[str, Tensor]:
+        """Zero accumulators in the state dtype; with master weights the parameter's own value (float32,
+        or a zero remainder: the bfloat16 parameter is then the whole value)."""
+        dtype = p.dtype if self.state_dtype is None or p.dtype == torch.float64 else self.state_dtype
+        state = {"step": torch.zeros((), dtype=torch.float32),
+                 "square_avg": torch.zeros_like(p, dtype=dtype), "acc_delta": torch.zeros_like(p, dtype=dtype)}
+        if self.master_weights and p.dtype in (torch.bfloat16, torch.float16):
+            remainder = self.master_weights == "remainder"
+            state["master"] = torch.zeros_like(p, dtype=torch.int16) if remainder else p.detach().float()
+        return state
 
     def _state_variable(self, reference: Any, name: str, view: Tensor) -> Any:
         """A Keras variable named as ``add_variable_from_reference`` names it, whose tensor is ``view``."""
@@ -233,5 +249,5 @@ class Adadelta(keras.optimizers.Adadelta):
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(state_dtype=_dtype_name(self.state_dtype), stochastic_rounding=self.stochastic_rounding,
-                      fused=self.fused, seed=self.seed)
+                      master_weights=self.master_weights, fused=self.fused, seed=self.seed)
         return config
