@@ -271,6 +271,16 @@ def test_a_step_that_fails_its_checks_changes_nothing():
         np.testing.assert_array_equal(v.numpy(), b)
 
 
+def test_a_replaced_variable_tensor_is_an_error():
+    model = make_model()
+    opt = Adadelta(learning_rate=1.0)
+    variables = model.trainable_variables
+    opt.build(variables)
+    variables[2]._value = torch.nn.Parameter(variables[2].value.detach().clone())
+    with pytest.raises(RuntimeError, match="the tensor of variable .*dense_1/kernel was replaced"):
+        opt.apply([torch.randn(tuple(v.shape)) for v in variables], variables)
+
+
 def test_tf_keras2_class_points_keras3_configs_here():
     config = keras.optimizers.Adadelta(learning_rate=0.5).get_config()
     with pytest.raises(TypeError, match=r"Keras 3 optimizer config.*triton_adadelta\.keras3\.Adadelta"):
