@@ -215,6 +215,19 @@ def test_save_and_load_model_continue_exactly(tmp_path, dtype, options):
         np.testing.assert_array_equal(a, b)
 
 
+def test_set_weights_continues_exactly():
+    model = fit(Adadelta(learning_rate=1.0, stochastic_rounding=True, seed=5), dtype="bfloat16", epochs=1)
+    copy_ = make_model(dtype="bfloat16")
+    copy_.set_weights(model.get_weights())
+    copy_.compile(optimizer=Adadelta(learning_rate=1.0, stochastic_rounding=True, seed=5), loss="mse")
+    copy_.optimizer.build(copy_.trainable_variables)
+    copy_.optimizer.set_weights([v.numpy() for v in model.optimizer.variables])
+    for m in (model, copy_):
+        m.fit(X, Y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(values(model), values(copy_)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_config_round_trip():
     schedule = keras.optimizers.schedules.ExponentialDecay(0.5, decay_steps=3, decay_rate=0.9)
     opt = Adadelta(learning_rate=schedule, rho=0.9, epsilon=1e-6, clipvalue=0.5, weight_decay=0.01,
