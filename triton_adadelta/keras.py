@@ -238,6 +238,11 @@ def _step_post_hook(opt: Any, args: Any, kwargs: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------------- the mixin
+# Keys that only Keras 3's optimizer configs have (its base Optimizer writes them all).
+_KERAS3_ONLY_KEYS = ("use_ema", "ema_momentum", "ema_overwrite_frequency", "loss_scale_factor",
+                     "gradient_accumulation_steps")
+
+
 class KerasHost(Protocol):
     """What the Keras layer uses of the optimizer it is mixed into: torch's contract, plus the public
     ``iterations``, ``lr_schedule``, ``clipping`` (a :class:`clipping.ClipSettings`) and :meth:`init_state`
@@ -792,6 +797,12 @@ class KerasOptimizerMixin(KerasHost if TYPE_CHECKING else object):
         ``lr`` is renamed ``learning_rate``; a dict learning rate is a schedule (``custom_objects``
         resolves its class name); dtype names become dtypes.
         """
+        keras3_keys = [k for k in _KERAS3_ONLY_KEYS if k in config]
+        if keras3_keys:
+            raise TypeError(
+                f"this is a Keras 3 optimizer config (it has {keras3_keys}); triton_adadelta.Adadelta speaks "
+                "tf.keras 2's API. For Keras 3 (KERAS_BACKEND=torch) use "
+                "triton_adadelta.keras3.Adadelta.from_config(config)")
         config = dict(config)
         config.pop("is_legacy_optimizer", None)
         if "lr" in config:
