@@ -603,9 +603,25 @@ def _snapshot(opt, params):
         t.detach().clone() for p in params for t in opt.state[p].values() if isinstance(t, torch.Tensor)]
 
 
+def _count_reference_updates(monkeypatch) -> list[int]:
+    """Records the size of every tensor the reference path updates (reference.adadelta_update_ as the
+    optimizer calls it): proof that an oracle ran the reference path and not the kernel."""
+    from triton_adadelta import optimizer
+
+    seen: list[int] = []
+    real = optimizer.adadelta_update_
+
+    def spy(p, *args, **kwargs):
+        seen.append(p.numel())
+        return real(p, *args, **kwargs)
+
+    monkeypatch.setattr(optimizer, "adadelta_update_", spy)
+    return seen
+
+
 @pytest.mark.parametrize("fused", PATHS)
 @pytest.mark.parametrize("mode", ["plain", "stochastic", "master"])
-def test_grad_scaler_loop_with_fp16_params(fused, mode):
+def test_grad_scaler_loop_with_fp16_params(fused, mode, monkeypatch):
     """torch.amp.GradScaler with fp16 parameters and fp16 gradients.
 
     The first steps overflow by themselves (scale 2^16), one later step gets an injected Inf: those
@@ -622,6 +638,7 @@ def test_grad_scaler_loop_with_fp16_params(fused, mode):
     oracle_w = w.detach().cpu().clone()
     oracle = Adadelta([oracle_w], fused=False, **kw)
     scaler = torch.amp.GradScaler(torch.device(dev).type, init_scale=2.0**16, growth_interval=3)
+    reference_updates = _count_reference_updates(monkeypatch)
     skipped = taken = 0
     for step in range(12):
         opt.zero_grad()
@@ -647,10 +664,13 @@ def test_grad_scaler_loop_with_fp16_params(fused, mode):
         # The oracle: our PyTorch path with the unscaled float32 gradient, from the same state.
         if sd_before["state"]:
             oracle.load_state_dict(sd_before)
+            oracle.param_groups[0]["fused"] = False  # the loaded group says fused=True
         with torch.no_grad():
             oracle_w.copy_(w_before)
         set_grads([oracle_w], [scaled.cpu().float() / scale])
+        before_oracle = len(reference_updates)
         oracle.step()
+        assert reference_updates[before_oracle:] == [oracle_w.numel()], "the oracle step ran the reference update"
         _check_within_one_ulp(w, oracle_w, f"step {step} param")
         assert float(opt.state[w]["step"]) == float(oracle.state[oracle_w]["step"]) == taken
     assert skipped >= 2 and taken >= 5, (skipped, taken)
