@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import KERNEL_DEVICE, needs_kernel
+from conftest import KERNEL_DEVICE, needs_kernel, use_path
 from helpers import assert_close_rel, bf16_ulp, make_params
 from test_kernel import _count_launches
 
@@ -216,7 +216,7 @@ def test_replaced_state_tensors_are_taken_up_like_torch(path, monkeypatch):
         pytest.skip("CPU tensors only")
     counter, ours, theirs, opt, ref = _warm(monkeypatch)
     if path == "cpu_fused":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        use_path("cpu-fused", monkeypatch)  # the C update must build and run
     if path == "reference":
         for g in opt.param_groups:
             g["fused"] = False
@@ -283,7 +283,7 @@ def test_a_loaded_state_dict_is_used_by_the_next_step(monkeypatch):
 @pytest.mark.skipif(KERNEL_DEVICE != "cpu", reason="switches the interpreter off: CPU tensors only")
 def test_switching_the_interpreter_off_moves_cpu_tensors_to_the_fused_cpu_path(monkeypatch):
     counter, ours, theirs, opt, ref = _warm(monkeypatch)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    use_path("cpu-fused", monkeypatch)  # the interpreter off; the C update must build and run
     assert _step(opt, ref, ours, theirs, 5, counter) == 0
     _assert_matches(opt, ref, ours, theirs, "interpreter off")
 
@@ -377,7 +377,7 @@ def test_random_changes_between_steps_match_torch(path, seed, monkeypatch):
     if path == "cpu_fused":
         if KERNEL_DEVICE != "cpu":
             pytest.skip("CPU tensors only")
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        use_path("cpu-fused", monkeypatch)  # the C update must build and run
     rng = random.Random(seed)
     ours, theirs, opt, ref = _setup()
     was_16bit: set[int] = set()
