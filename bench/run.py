@@ -150,8 +150,9 @@ def _subprocess(r: Runner, cmd: list[str], env: Optional[dict[str, str]] = None)
     """Run ``cmd`` in the checkout within the budget left; its exit, last output lines and elapsed time."""
     timeout = max(1.0, r.left() - MARGIN_S)
     full_env = dict(os.environ, **(env or {}))
-    if r.kind == "cuda":
-        full_env.pop("TRITON_INTERPRET", None)
+    # This process may have switched the interpreter on (CPU variants); each program decides for itself
+    # (the test suite's conftest switches it on where there is no GPU).
+    full_env.pop("TRITON_INTERPRET", None)
     print("  $", " ".join(cmd), flush=True)
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=full_env, timeout=timeout, capture_output=True, text=True)
@@ -168,7 +169,7 @@ def _pytest_item(path: str, section: str, kind: str) -> Item:
     def run(r: Runner) -> dict[str, Any]:
         return _subprocess(r, [sys.executable, "-m", "pytest", path, "-q", "-p", "no:cacheprovider", "-rfEs"])
 
-    return Item(f"{section}/tests/{path}", section, GUESS[(kind, "tests")], run)
+    return Item(f"{section}/pytest/{path}", section, GUESS[(kind, "tests")], run)
 
 
 def _compare_item(kind: str) -> Item:
