@@ -11,10 +11,12 @@ after ``zero_grad()`` and ``backward()``).
 
 from __future__ import annotations
 
+import argparse
 import gc
+import json
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from sets import MODES, SETS, numel, roofline_bytes, state_dtype_of
@@ -176,3 +178,19 @@ def release(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """One case in a process of its own, its result as one JSON line (bench/run.py runs the compiled cases
+    so: a fresh TorchDynamo, and a compilation that overruns the budget can be stopped)."""
+    ap = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    ap.add_argument("--set", required=True, choices=sorted(SETS))
+    ap.add_argument("--mode", required=True, choices=sorted(MODES))
+    ap.add_argument("--impl", required=True)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    print(json.dumps(measure(args.set, args.mode, args.impl, torch.device(args.device))))
+
+
+if __name__ == "__main__":
+    main()
