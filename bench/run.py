@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import glob
+import hashlib
 import json
 import os
 import platform
@@ -97,13 +98,23 @@ def context(kind: str) -> dict[str, str]:
         from triton_adadelta.compare import _cpu_name
 
         hardware = f"{_cpu_name()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
     return {"kind": kind, "hardware": hardware, "torch": torch.__version__, "triton": triton_version,
-            "python": platform.python_version(), "cuda": str(torch.version.cuda), "commit": commit}
+            "python": platform.python_version(), "cuda": str(torch.version.cuda), "commit": _commit()}
+
+
+def _commit() -> str:
+    """The checkout's commit; where there is no git (a copy of the tree), a digest of the sources instead."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        digest = hashlib.sha1()
+        for folder in ("triton_adadelta", "kernels", "bench"):
+            for path in sorted(glob.glob(os.path.join(ROOT, folder, "**", "*.[pc]*"), recursive=True)):
+                if path.endswith((".py", ".c")):
+                    with open(path, "rb") as f:
+                        digest.update(f.read())
+        return "sources-" + digest.hexdigest()[:10]
 
 
 def _same(a: dict[str, str], b: dict[str, str]) -> bool:
