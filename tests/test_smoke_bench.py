@@ -183,3 +183,34 @@ def test_variant_check_catches_a_wrong_result(monkeypatch):
     monkeypatch.setattr(variants, "_groups", other_lr_for_the_reference)
     out = variants.check(v, "cpu", seed=5)
     assert not out["ok"] and out["fp32_rel"] > 1e-3
+
+
+def test_runner_report_computes_ratios_from_records():
+    """The generated step table: ms from the medians, GB/s against the copy's, foreach / ours; (a) rows
+    with their distances; what is still to do named."""
+    sys.path[:0] = [os.path.join(ROOT, "bench")]
+    import run
+
+    ctx = dict(kind="cuda", hardware="a card", torch="t", triton="tr", python="p", cuda="c", commit="abc")
+
+    def rec(item_id, section, **data):
+        return dict(context=ctx, id=item_id, section=section, event="done", date="2026-12-07 05:00:00",
+                    seconds=1.0, status="ok", **data)
+
+    def step(impl, median, gbps=None):
+        extra = {"gbps": gbps} if gbps is not None else {}
+        return rec(f"b/step/s/bf16/{impl}", "b", set="s", mode="bf16", impl=impl, params=1_000_000, tensors=3,
+                   median_s=median, **extra)
+
+    records = [rec("a/variant/bf16-gbf16-sfp32", "a", fp32_rel=2e-7, ulps16=1.0, differ16=3, total16=100),
+               step("ours", 0.002, gbps=11.0), step("torch-foreach", 0.006, gbps=3.0), step("copy", 0.001, gbps=22.0),
+               step("host-ours", 0.00015)]
+    items = [run.Item(r["id"], r["section"], 1.0, lambda r: {}) for r in records]
+    items.append(run.Item("c/pytest/tests/test_gpu.py", "c", 1.0, lambda r: {}))
+    text = run.render_run(records, ctx, items)
+    assert "| bf16-gbf16-sfp32 | ok | 2.0e-07 | 1 | 3 of 100 |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| s |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3:6] == ["2.000", "6.000", "—"] and cells[6] == "1.000" and cells[8] == "150"
+    assert cells[10:] == ["11.0", "50", "3.00x"]
+    assert "(c) 1 items; first: `c/pytest/tests/test_gpu.py`" in text and "a card" in text
