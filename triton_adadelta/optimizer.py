@@ -28,8 +28,8 @@ from .backends import torch as torch_backend
 from .backends import triton as triton_backend
 from .keras import EPS_DEFAULT, LR_DEFAULT, KerasOptimizerMixin, dtype_from_name, resolve_arguments
 from .schedules import takes_step
-from .shards import is_dtensor, local, shard_norm_hook
-from .state import StateDict, StateEntry, StateStore
+from .shards import local, shard_norm_hook
+from .state import StateDict, StateStore
 
 __all__ = ["Adadelta"]
 
@@ -259,20 +259,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         """Complete torch's state_dict (a state_dict post-hook that runs before the user's): per-parameter
         dicts copied (tensors shared as in torch), plus ``"skipped_steps"`` once ``skip_nonfinite`` has
         checked a step, and ``iterations`` in every group (torch.distributed.checkpoint keeps groups)."""
-        # torch hands out its live per-parameter dicts: editing the result would edit the optimizer.
-        # Values under other keys (a user's flags: StateDict keeps them as they are) are handed out as
-        # they are, as torch does.
-        sd["state"] = {k: dict(v) if isinstance(v, StateEntry) else v for k, v in sd["state"].items()}
-        for entry in sd["state"].values():
-            if not isinstance(entry, dict):
-                continue
-            for name, value in entry.items():
-                # Complex state is a complex view of a real flat buffer that real parameters share;
-                # torch.save refuses one storage seen as two dtypes, so such entries are copied. A
-                # DTensor over a view at an offset into a buffer cannot be pickled or deep-copied at all
-                # (torch 2.11-2.13: "invalid python storage"), so sharded state is copied too.
-                if isinstance(value, Tensor) and (is_dtensor(value) or value.is_complex()):
-                    entry[name] = value.clone()
+        self._store.complete_state_dict(sd, self.param_groups)
         # Group settings are plain values (torch.distributed.checkpoint refuses a torch.dtype), and
         # carry the counters outside the state: DCP keeps only "state" and "param_groups".
         iterations = self._iters.count()
@@ -281,9 +268,6 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
             if isinstance(g.get("state_dtype"), torch.dtype):
                 g["state_dtype"] = str(g["state_dtype"]).replace("torch.", "")
             g["iterations"] = iterations
-        if self._store.master_from_param:
-            index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-            self._store.saved_entries(sd["state"], index)
         if self._skipped_steps is not None:
             sd["skipped_steps"] = self._skipped_steps.clone()
 

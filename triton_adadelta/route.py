@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 
 from . import _triton, cpu_fused
+from .backends import tables
+from .backends.tables import BLOCK
 from .backends.triton import LaunchPlan
 from .shards import PLAIN, local
 from .state import StateKey, real_dtype
@@ -162,9 +164,6 @@ def bucket_key(group: dict[str, Any], key: StateKey, g: Tensor) -> BucketKey:
     return BucketKey(key, real_dtype(local(g)), bool(group["stochastic_rounding"]) and _has_16bit_write(key))
 
 
-BLOCK = 2048  # elements per program of the update kernel
-
-
 def build(param_groups: list[dict[str, Any]], store: Any, plans: dict, sig: Optional[list]) -> Route:
     """Route the parameters that have a gradient (their state must be ready: StateStore.prepare):
     choose each one's path, group the kernel's members in buckets, and find (or build) each bucket's
@@ -195,7 +194,8 @@ def build(param_groups: list[dict[str, Any]], store: Any, plans: dict, sig: Opti
         plan = plans.get(plan_key)
         if plan is None:
             vec = 16 // min(bkey.state.param_dtype.itemsize, bkey.grad_dtype.itemsize)  # elements in 128 bits
-            plan = plans[plan_key] = LaunchPlan(store.flats[bkey.state], params, groups, BLOCK, vec)
+            with tables.device_guard(bkey.state.device):  # its tables go up on that device's current stream
+                plan = plans[plan_key] = LaunchPlan(store.flats[bkey.state], params, groups, BLOCK, vec)
         plain = all(type(p) in PLAIN and type(p.grad) in PLAIN and not p.is_complex() for p in params)
         buckets.append(Bucket(bkey, idx, plan, plain))
     launches: list[Optional[BucketKey]] = [None] * len(members)

@@ -601,11 +601,29 @@ class StateStore:
         self.state, self.flats, self.master_from_param = snapshot
         self.generation += 1
 
-    def saved_entries(self, sd_state: dict[int, dict], index: dict[int, int]) -> None:
-        """Leave out of a state_dict's entries (by parameter index) the masters still due from their
-        parameter: not a value yet, they are taken from the parameter after this dict's load too."""
-        for p in self.master_from_param:
-            sd_state.get(index.get(id(p)), {}).pop("master", None)
+    def complete_state_dict(self, sd: dict[str, Any], param_groups: list[dict[str, Any]]) -> None:
+        """Make torch's ``state_dict()["state"]`` safe to keep and to save: per-parameter dicts copied
+        (tensors shared, as in torch), complex and sharded state copied, masters still due left out."""
+        # torch hands out its live per-parameter dicts: editing the result would edit the optimizer.
+        # Values under other keys (a user's flags: StateDict keeps them as they are) are handed out as
+        # they are, as torch does.
+        sd["state"] = {k: dict(v) if isinstance(v, StateEntry) else v for k, v in sd["state"].items()}
+        for entry in sd["state"].values():
+            if not isinstance(entry, dict):
+                continue
+            for name, value in entry.items():
+                # Complex state is a complex view of a real flat buffer that real parameters share;
+                # torch.save refuses one storage seen as two dtypes, so such entries are copied. A
+                # DTensor over a view at an offset into a buffer cannot be pickled or deep-copied at all
+                # (torch 2.11-2.13: "invalid python storage"), so sharded state is copied too.
+                if isinstance(value, Tensor) and (is_dtensor(value) or value.is_complex()):
+                    entry[name] = value.clone()
+        if self.master_from_param:
+            # A master still due to be taken from its parameter (after a torch.optim state_dict) is not a
+            # value yet: saved without it, it is taken from the parameter after this dict's load too.
+            index = {id(p): i for i, p in enumerate(p for g in param_groups for p in g["params"])}
+            for p in self.master_from_param:
+                sd["state"].get(index.get(id(p)), {}).pop("master", None)
 
     # ------------------------------------------------------------------------- pickling
     def pickled(self) -> dict[str, Any]:
