@@ -43,3 +43,12 @@ def use_path(path: str, monkeypatch) -> tuple:
         monkeypatch.setattr(cpu_fused, "MIN_NUMEL", 0)
         return "cpu", None
     return (KERNEL_DEVICE, True) if path == "kernel" else ("cpu", False)
+
+
+def path_taken(opt) -> str:
+    """Which of :data:`CPU_PATHS` the last routed step of ``opt`` used: "kernel" when it launched the
+    kernel, "cpu-fused" when the fused CPU path took tensors, else "reference"."""
+    route = opt._route
+    if route.buckets:
+        return "kernel"
+    return "cpu-fused" if any(plan.calls for plan in route.cpu.values()) else "reference"

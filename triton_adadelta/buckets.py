@@ -245,7 +245,8 @@ class StateDict(_Counted, defaultdict):
 
     A step compares ``version`` with the one its cached route saw, so that ``opt.state[p] = {}``,
     ``opt.state[p].clear()`` or a replaced ``opt.state[p]["square_avg"]`` are noticed without looking
-    at every parameter's state each step (what torch's optimizers do).
+    at every parameter's state each step (what torch's optimizers do). A tensor key's value must be a
+    dict (a parameter's state); any other key takes any value, kept as it is (torch's rule).
     """
 
     def __init__(self, *args: Any) -> None:
@@ -260,12 +261,17 @@ class StateDict(_Counted, defaultdict):
     def __reduce__(self):  # pickle and deepcopy: the same class, entries re-adopted on load
         return (type(self), (), None, None, iter(self.items()))
 
-    def __missing__(self, key: Any) -> StateEntry:
-        entry = StateEntry(self)
+    def __missing__(self, key: Any) -> dict:
+        entry = StateEntry(self) if isinstance(key, Tensor) else {}
         self[key] = entry
         return entry
 
     def __setitem__(self, key: Any, value: Any) -> None:
+        if not isinstance(key, Tensor):
+            # Not a parameter's state (torch's state_dict hooks and users keep flags so): any value, kept
+            # as it is, as in torch. Setting it still counts as a change (harmless: one re-routed step).
+            super().__setitem__(key, value)
+            return
         if not isinstance(value, dict):
             raise TypeError(f"the state of a parameter must be a dict, got {type(value).__name__}")
         if isinstance(value, StateEntry) and value.owner is None:

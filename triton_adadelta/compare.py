@@ -122,7 +122,9 @@ class GPT(nn.Module):
 def state_bytes(opt: torch.optim.Optimizer) -> int:
     """Bytes of memory held by an optimizer's state tensors (shared storages, like flat buffers, once)."""
     seen: dict[int, int] = {}
-    for st in opt.state.values():
+    for key, st in opt.state.items():
+        if not isinstance(key, Tensor):  # not a parameter's state (a flag: any value)
+            continue
         for v in st.values():
             if isinstance(v, Tensor):
                 storage = v.untyped_storage()

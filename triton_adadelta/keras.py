@@ -765,7 +765,8 @@ class KerasOptimizerMixin:
 
     def get_slot_names(self) -> list[str]:
         """``[]`` before any state exists, then ``["accum_grad", "accum_var"]`` and the user slots' names."""
-        names = ["accum_grad", "accum_var"] if any(st for st in self.state.values()) else []
+        has_state = any(st for p, st in self.state.items() if isinstance(p, Tensor))  # (other keys: users' flags)
+        names = ["accum_grad", "accum_var"] if has_state else []
         return names + [n for n in self._user_slot_names if n not in names]
 
     def get_slot(self, var: Tensor, slot_name: str) -> Tensor:

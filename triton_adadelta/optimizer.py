@@ -19,6 +19,7 @@ from .buckets import (
     FlatState,
     LaunchPlan,
     StateDict,
+    StateEntry,
     StateKey,
     is_dtensor,
     local,
@@ -160,6 +161,45 @@ def _subclass_signature(t: Tensor) -> tuple:
     if shard is not t:  # a DTensor
         return (tuple(t.placements), id(t.device_mesh), shard.shape, shard.is_contiguous())
     return (object(),)
+
+
+def _plain_state(group: dict[str, Any], p: Tensor, state_dtype: torch.dtype) -> dict[str, Tensor]:
+    """A new parameter's state as ordinary tensors (differentiable=True), laid out as torch.optim.Adadelta's:
+    a float32 0-d step (on the CPU unless capturable) and zero square_avg/acc_delta like ``p``, of the
+    state dtype (the parameter's own for complex parameters)."""
+    dtype = p.dtype if p.is_complex() else state_dtype
+    return {"step": torch.zeros((), dtype=torch.float32, device=p.device if group["capturable"] else "cpu"),
+            "square_avg": torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format),
+            "acc_delta": torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)}
+
+
+def _differentiable_update_(p: Tensor, g: Tensor, square_avg: Tensor, acc_delta: Tensor, step: Tensor, *,
+                            lr: Union[float, Tensor], rho: float, eps: float, weight_decay: float,
+                            maximize: bool) -> None:
+    """One Adadelta step as torch's ``_single_tensor_adadelta(differentiable=True)`` computes it, operation
+    for operation (the same values and autograd graph), in place, with autograd on.
+
+    One difference: an ``lr`` tensor that requires grad (learning the learning rate) multiplies the update,
+    ``p -= delta * lr``, so that autograd tracks it; torch's ``add_(delta, alpha=-lr)`` refuses one
+    ("argument 'alpha' must be Number, not Tensor").
+    """
+    step += 1
+    g = -g if maximize else g
+    if weight_decay != 0:
+        g = g.add(p, alpha=weight_decay)
+    if p.is_complex():
+        square_avg, acc_delta, g = torch.view_as_real(square_avg), torch.view_as_real(acc_delta), torch.view_as_real(g)
+    square_avg.mul_(rho).addcmul_(g, g, value=1 - rho)
+    std = square_avg.add(eps).sqrt_()
+    delta = acc_delta.add(eps).sqrt_().clone()
+    delta.div_(std).mul_(g)
+    acc_delta.mul_(rho).addcmul_(delta, delta, value=1 - rho)
+    if p.is_complex():
+        delta = torch.view_as_complex(delta)
+    if isinstance(lr, Tensor) and lr.requires_grad:
+        p.sub_(delta * lr)
+    else:
+        p.add_(delta, alpha=-lr)
 
 
 class _Route(NamedTuple):
@@ -328,8 +368,8 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
             return
         device = local(group["params"][0]).device
         lr = group["lr"]
-        if isinstance(lr, Tensor) and lr.device == device:
-            return
+        if (isinstance(lr, Tensor) and lr.device == device) or device.type == "meta":
+            return  # (meta parameters get their device lr at the first step, after to_empty())
         wide = any(_real_dtype(p) == torch.float64 for p in group["params"])
         dtype = torch.float64 if wide else torch.float32
         if isinstance(lr, Tensor):
@@ -347,6 +387,9 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         # emptied (reset) entry stays empty: only the entries listed in _flat_bound get views back.
         entries, bound = {}, []
         for p, st in self.state.items():
+            if not isinstance(p, Tensor):  # not a parameter's state (a user's flag): travels as it is
+                entries[p] = st
+                continue
             flat = self._flat_of(p)
             if flat is None or not st:
                 entries[p] = dict(st)
@@ -414,8 +457,14 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         none (``opt.state[p] = {...}`` before its first step, see :meth:`_adopt_replaced_state`): such a
         parameter gets a segment holding them.
         """
-        self._new_segments([(group, p) for group, params in group_params for p in params
-                            if len(self.state.get(p, {})) == 0])
+        missing = [(group, p) for group, params in group_params for p in params if len(self.state.get(p, {})) == 0]
+        if self.defaults["differentiable"]:
+            # Autograd tracks the update through the state across steps: the state is ordinary tensors, as
+            # torch's (views made here, under no_grad, must not be written in place with grad mode on).
+            for group, p in missing:
+                self.state[p] = _plain_state(group, p, self._state_key(group, local(p)).state_dtype)
+            return  # (a differentiable optimizer keeps the state a user gives as it is: nothing ``given``)
+        self._new_segments(missing)
         pairs = [(group, p) for group, params in group_params for p in params if id(p) in (given or {})]
         if not pairs:
             return
@@ -445,10 +494,12 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
                 st = self.state.get(p)
                 if not st:
                     continue
-                if flat is None:  # state given before the first step
+                if flat is None:  # state given before the first step, or a differentiable optimizer's state
                     if p.grad is not None:
-                        given[id(p)] = {name: _replacement(f"parameter {pi} of group {gi}", name, value, p)
-                                        for name, value in st.items() if name in _FLAT_NAMES}
+                        checked = {name: _replacement(f"parameter {pi} of group {gi}", name, value, p)
+                                   for name, value in st.items() if name in _FLAT_NAMES}
+                        if not self.defaults["differentiable"]:  # (there the tensors stay, autograd tracks them)
+                            given[id(p)] = checked
                     continue
                 replaced = flat.replaced(p, st)
                 if replaced:
@@ -576,13 +627,16 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         self.param_groups = new_groups
         try:
             with torch.no_grad():
-                loaded = [(k, id_map[k], v) for k, v in saved_state.items() if len(v)]
+                loaded = [(k, id_map[k], v) for k, v in saved_state.items() if k in id_map and len(v)]
                 # One parameter at a time in the saved order: state_dict() lists state in the order
                 # it was created, so the flat layout (and with it the stochastic-rounding streams,
                 # which follow the flat offsets) comes back exactly as it was before saving.
                 self._ensure_state([(group_of[id(p)], [p]) for _, p, _ in loaded])
                 # ... and self.state in the saved order too, so the next state_dict() lists it the same way.
-                self.state = StateDict([(p, self.state[p]) for _, p, _ in loaded])
+                # A key that is no parameter's index is not a parameter's state (a user's flag): it comes
+                # back as it is, as in torch (validation refuses one that holds a parameter's state).
+                self.state = StateDict([(id_map[k], self.state[id_map[k]]) if k in id_map else (k, v)
+                                        for k, v in saved_state.items() if k not in id_map or len(v)])
                 for _, p, saved in loaded:
                     st = self.state[p]
                     master = saved.get("master")
@@ -825,7 +879,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         # zero gradients) that must change no parameter; a Keras schedule would otherwise replace that lr.
         self._lr_zeroed = (self._lr_schedule is not None
                            and all(not isinstance(g["lr"], Tensor) and g["lr"] == 0 for g in self.param_groups)
-                           and not any(self.state.values()))
+                           and not any(v for k, v in self.state.items() if isinstance(k, Tensor)))
         if self.defaults["differentiable"]:
             validation.check_differentiable(self.param_groups)
         try:
@@ -837,6 +891,8 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         if (signature is None or route is None or route.signature != signature
                 or route.context != self._route_context()):
             validation.check_step_tensors(self.param_groups, self.state)
+            # fused=True accepts meta parameters at construction (torch's rule): their device is checked here.
+            validation.check_fused_devices(self.param_groups, self._kernel_unavailable)
             route = self._route = self._build_route(signature)
         if not route.entries:
             return loss
@@ -879,8 +935,12 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         dicts copied (tensors shared as in torch), plus ``"skipped_steps"`` once ``skip_nonfinite`` has
         checked a step, and the Keras entry (keras.py)."""
         # torch hands out its live per-parameter dicts: editing the result would edit the optimizer.
-        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
+        # Values under other keys (a user's flags: StateDict keeps them as they are) are handed out as
+        # they are, as torch does.
+        sd["state"] = {k: dict(v) if isinstance(v, StateEntry) else v for k, v in sd["state"].items()}
         for entry in sd["state"].values():
+            if not isinstance(entry, dict):
+                continue
             for name, value in entry.items():
                 # Complex state is a complex view of a real flat buffer that real parameters share;
                 # torch.save refuses one storage seen as two dtypes, so such entries are copied. A
@@ -937,9 +997,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         return bad.to(torch.float32)
 
     def _step_torch(self, entries, coefs, grad_scale, found_inf) -> None:
-        """differentiable=True: torch's own functional Adadelta, so autograd sees every operation."""
-        from torch.optim.adadelta import adadelta
-
+        """differentiable=True: torch's single-tensor Adadelta, so autograd sees every operation."""
         if found_inf is not None and bool(found_inf.reshape(()) != 0):  # a skipped step (host read, as below)
             return
 
@@ -948,10 +1006,9 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
             if grad_scale is not None:  # GradScaler left the gradients scaled: unscale them here
                 g = g / grad_scale.to(g.device).reshape(())
             g = g if coefs is None else coefs.apply(g, i)
-            adadelta([p], [g], [st["square_avg"]], [st["acc_delta"]], [st["step"]],
-                     lr=self._group_lr(group), rho=group["rho"], eps=group["eps"],
-                     weight_decay=group["weight_decay"], maximize=group["maximize"],
-                     foreach=False, differentiable=True, capturable=False)
+            _differentiable_update_(p, g, st["square_avg"], st["acc_delta"], st["step"], lr=self._group_lr(group),
+                                    rho=group["rho"], eps=group["eps"], weight_decay=group["weight_decay"],
+                                    maximize=group["maximize"])
 
     def _step_reference(self, indexed_entries, coefs, grad_scale, found_inf, route: _Route, entries) -> None:
         """The PyTorch path: the reference update, tensor by tensor, for what the fused CPU path does not
