@@ -991,3 +991,22 @@ def test_weights_follow_the_order_of_the_first_apply(path, monkeypatch):
     assert entries == oracle.weight_order == [("c", "accum_grad"), ("a", "accum_grad"), ("c", "accum_var"),
                                               ("a", "accum_var"), ("b", "accum_grad"), ("b", "accum_var")]
     assert [tuple(w.shape) for w in opt.weights] == [(), (4,), (3,), (4,), (3,), (2,), (2,)]
+
+
+def test_squared_norm_hook_is_set_by_a_public_method():
+    """set_squared_norm_hook is the public way to set the data-parallel hook (the former private attribute
+    still works, see above); None removes it, and a hook that is not callable is refused."""
+    params = _make(SHAPES, torch.float32, "cpu", seed=19)
+    opt = Adadelta(params, clipnorm=1.0, fused=False)
+    seen = []
+    opt.set_squared_norm_hook(lambda sq: seen.append(sq.clone()))
+    for p, g in zip(params, _grads(params, seed=20)):
+        p.grad = g
+    opt.step()
+    assert len(seen) == 1 and seen[0].shape == (len(params) + 1,)
+    _close(seen[0][:-1], [float((_np(p.grad) ** 2).sum()) for p in params], torch.float32, "squared norms")
+    opt.set_squared_norm_hook(None)
+    opt.step()
+    assert len(seen) == 1
+    with pytest.raises(TypeError, match="callable"):
+        opt.set_squared_norm_hook(3)
