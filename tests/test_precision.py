@@ -27,6 +27,7 @@ from helpers import (
 from triton_adadelta import Adadelta
 from triton_adadelta.reference import (
     PhiloxStream,
+    adadelta_update_,
     join_remainder,
     philox4x32,
     philox_bits,
@@ -603,9 +604,25 @@ def _snapshot(opt, params):
         t.detach().clone() for p in params for t in opt.state[p].values() if isinstance(t, torch.Tensor)]
 
 
+def _count_reference_updates(monkeypatch) -> list[int]:
+    """Records the size of every tensor the reference path updates (reference.adadelta_update_ as the
+    optimizer calls it): proof that an oracle ran the reference path and not the kernel."""
+    from triton_adadelta import optimizer
+
+    seen: list[int] = []
+    real = optimizer.adadelta_update_
+
+    def spy(p, *args, **kwargs):
+        seen.append(p.numel())
+        return real(p, *args, **kwargs)
+
+    monkeypatch.setattr(optimizer, "adadelta_update_", spy)
+    return seen
+
+
 @pytest.mark.parametrize("fused", PATHS)
 @pytest.mark.parametrize("mode", ["plain", "stochastic", "master"])
-def test_grad_scaler_loop_with_fp16_params(fused, mode):
+def test_grad_scaler_loop_with_fp16_params(fused, mode, monkeypatch):
     """torch.amp.GradScaler with fp16 parameters and fp16 gradients.
 
     The first steps overflow by themselves (scale 2^16), one later step gets an injected Inf: those
@@ -622,6 +639,7 @@ def test_grad_scaler_loop_with_fp16_params(fused, mode):
     oracle_w = w.detach().cpu().clone()
     oracle = Adadelta([oracle_w], fused=False, **kw)
     scaler = torch.amp.GradScaler(torch.device(dev).type, init_scale=2.0**16, growth_interval=3)
+    reference_updates = _count_reference_updates(monkeypatch)
     skipped = taken = 0
     for step in range(12):
         opt.zero_grad()
@@ -647,10 +665,13 @@ def test_grad_scaler_loop_with_fp16_params(fused, mode):
         # The oracle: our PyTorch path with the unscaled float32 gradient, from the same state.
         if sd_before["state"]:
             oracle.load_state_dict(sd_before)
+            oracle.param_groups[0]["fused"] = False  # the loaded group says fused=True
         with torch.no_grad():
             oracle_w.copy_(w_before)
         set_grads([oracle_w], [scaled.cpu().float() / scale])
+        before_oracle = len(reference_updates)
         oracle.step()
+        assert reference_updates[before_oracle:] == [oracle_w.numel()], "the oracle step ran the reference update"
         _check_within_one_ulp(w, oracle_w, f"step {step} param")
         assert float(opt.state[w]["step"]) == float(oracle.state[oracle_w]["step"]) == taken
     assert skipped >= 2 and taken >= 5, (skipped, taken)
@@ -818,6 +839,52 @@ def _pending_master_opt():
     with torch.no_grad():
         p.copy_(tp)  # the model checkpoint, loaded after the optimizer's
     return opt, p, tp.detach().clone()
+
+
+@pytest.mark.parametrize("fused", PATHS)
+def test_remainder_mode_loading_a_torch_state_dict_keeps_no_stale_remainder(fused):
+    """Our remainder-mode state_dict through torch.optim.Adadelta and back: torch carries our int16
+    remainders along cast to bfloat16 and never updates them. Loaded back (with the model's weights),
+    the weights are the bfloat16 parameters exactly (remainder 0), and the next step is a reference
+    step from them (master_weights=True taken from the same parameters)."""
+    dev = _device(fused)
+    params = make_params([(300,), (7, 5)], torch.bfloat16, dev, seed=21)
+    ours = Adadelta(params, master_weights="remainder", fused=fused, lr=0.5)
+    for step in range(3):
+        set_grads(params, random_grads(params, seed=90 + step))
+        ours.step()
+    assert all(bool((ours.state[p]["master"] != 0).any()) for p in params)  # remainders to go stale
+    torch_params = [p.detach().cpu().clone() for p in params]
+    theirs = torch.optim.Adadelta(torch_params, lr=0.5)
+    theirs.load_state_dict(copy.deepcopy(ours.state_dict()))
+    assert theirs.state[torch_params[0]]["master"].dtype == torch.bfloat16  # carried along, cast
+    for step in range(2):
+        set_grads(torch_params, random_grads(torch_params, seed=95 + step))
+        theirs.step()
+    sd = theirs.state_dict()
+
+    ours.load_state_dict(copy.deepcopy(sd))
+    with torch.no_grad():  # the model checkpoint, loaded after the optimizer's
+        for p, t in zip(params, torch_params):
+            p.copy_(t)
+    for p, t in zip(params, torch_params):
+        assert torch.equal(join_remainder(p, ours.state[p]["master"]).cpu(), t.float()), "a stale remainder"
+        assert torch.equal(ours.state[p]["square_avg"].cpu(), theirs.state[t]["square_avg"].float())
+    grads = random_grads(torch_params, seed=99)
+    set_grads(params, [g.to(dev) for g in grads])
+    ours.step()
+    for i, (p, t) in enumerate(zip(params, torch_params)):
+        # The oracle: the reference function on float32 copies of the loaded weights and state.
+        weights = t.float()
+        adadelta_update_(weights, grads[i].float(), theirs.state[t]["square_avg"].float(),
+                         theirs.state[t]["acc_delta"].float(), lr=0.5, rho=0.9, eps=1e-6)
+        ours_weights = join_remainder(p, ours.state[p]["master"]).cpu()
+        if fused:  # the kernel's float32 arithmetic against torch's CPU ops: within their rounding
+            assert_close_rel(ours_weights, weights, rtol=1e-6, what=f"weights {i}")
+        else:
+            assert torch.equal(ours_weights, weights), f"weights {i}"
+        assert not torch.equal(ours_weights, t.float())  # it moved
+        assert float(ours.state[p]["step"]) == float(theirs.state[t]["step"]) + 1 == 6
 
 
 @pytest.mark.parametrize("how", ["state_dict", "deepcopy", "pickle"])
