@@ -97,9 +97,9 @@ def launchable() -> list[Variant]:
     return out
 
 
-def cover(variants: list[Variant]) -> list[Variant]:
+def cover(variants: list[Variant], pairs: bool = True) -> list[Variant]:
     """A representative subset: both defaults; every (parameter, gradient, state, master) combination
-    without and (where launchable) with stochastic rounding; clipping and the GradScaler
+    with stochastic rounding where launchable and (``pairs``, or where not) without; clipping and the GradScaler
     on the heaviest of them; each aligned and unaligned."""
     chosen: dict[tuple, Variant] = {}
     for v in variants:
@@ -111,7 +111,7 @@ def cover(variants: list[Variant]) -> list[Variant]:
     for group in by_dtypes.values():
         srs = [v for v in group if v.stochastic and not v.clip and not v.scaler]
         plain = [v for v in group if not v.stochastic and not v.clip and not v.scaler]
-        for pick in srs[:1] + plain[:1]:  # both, so that the cost of stochastic rounding shows
+        for pick in srs[:1] + plain[: 1 if pairs or not srs else 0]:  # pairs: the cost of the rounding shows
             chosen[pick] = pick
     for v in variants:  # every flag on at once, on the widest variants: the register peak
         if v.clip and v.scaler and v.master in (MASTER_FP32, MASTER_REMAINDER) and v.g == "fp32" and v.s == "fp32":
@@ -304,6 +304,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability: 90 = H100, 80 = A100")
     ap.add_argument("--cover", action="store_true", help="a representative cover instead of every variant")
+    ap.add_argument("--small-cover", action="store_true",
+                    help="the cover without the twin of each stochastic-rounding variant (the tests' default)")
     ap.add_argument("--match", default="", help="only variants whose label contains this text")
     ap.add_argument("--json", action="store_true", help="one JSON object a line instead of the table (tests)")
     ap.add_argument("--no-sass", action="store_true", help="skip the SASS count and the ptxas -v rerun (faster)")
@@ -315,8 +317,8 @@ def main() -> None:
     variants = launchable()
     if not _has_aligned_specialisation():  # a kernel with both branches in one compile (before issue 14)
         variants = [v for v in variants if v.aligned]
-    if args.cover:
-        variants = cover(variants)
+    if args.cover or args.small_cover:
+        variants = cover(variants, pairs=not args.small_cover)
     variants = [v for v in variants if args.match in v.label]
     if args.json:
         for v in variants:
