@@ -205,8 +205,8 @@ def _update_block(
         tl.store(p_ptr + idx, high, mask=mask)
         tl.store(m_ptr + idx, low, mask=mask)
     elif MASTER == 1:
-        tl.store(m_ptr + idx, p, mask=mask)
         _store(p_ptr + idx, p, mask, r_p, False)
+        tl.store(m_ptr + idx, p, mask=mask)
     else:
         _store(p_ptr + idx, p, mask, r_p, STOCHASTIC)
 
