@@ -7,10 +7,12 @@ tensor's segment starts at a multiple of :data:`ALIGN` elements, so aligned para
 128-bit accesses on the state too. ``optimizer.state`` itself is a :class:`StateDict`, torch's
 ``defaultdict(dict)`` counting its changes, so that a step notices edits to it cheaply.
 
-A :class:`LaunchPlan` is what one kernel launch needs for a set of tensors of one flat state:
-the per-tensor table (state offset, numel, step slot, group) and the chunk table (tensor, block).
-It is built once and cached; only the pointer table (parameter and gradient addresses, alignment)
-and the hyperparameter table are refreshed, and only when their contents change.
+A :class:`LaunchPlan` is what the kernel launches need for a set of tensors of one flat state:
+the per-tensor table (state offset, numel, step slot, group) and a chunk table (tensor, block) per
+launch: one for the aligned tensors, one for the others (the two specialisations of the kernel).
+It is built once and cached; only the pointer table (parameter and gradient addresses) and the
+hyperparameter table are refreshed, and only when their contents change (the chunk tables when
+an address change moves a tensor to the other kind).
 """
 
 from __future__ import annotations
@@ -419,50 +421,82 @@ class FlatState:
                 state[p].update(self.views(p))
 
 
-class LaunchPlan:
-    """Tables for one launch over ``params`` (all from ``flat``), cached between steps."""
+def is_aligned(param_address: int, grad_address: int, numel: int, vec: int) -> bool:
+    """May the kernel promise 128-bit accesses on this tensor? Both addresses 16-byte aligned and
+    ``numel`` a multiple of ``vec`` (elements in 16 bytes of the narrower dtype): only then does no
+    vector of a block's tail reach past the tensor."""
+    return (param_address | grad_address) % 16 == 0 and numel % vec == 0
 
-    def __init__(self, flat: FlatState, params: list[Tensor], groups: list[int], block: int, vec: int) -> None:
+
+class ChunkTable(NamedTuple):
+    """The programs of one launch: a (tensor, block) pair for each, for tensors of one alignment kind.
+
+    ``aligned`` is the kernel's ALIGNED specialisation; ``block`` its BLOCK (elements a program)."""
+
+    aligned: bool
+    block: int
+    chunk_tensor: Tensor  # int32 [num_chunks]
+    chunk_block: Tensor  # int32 [num_chunks]
+    num_chunks: int
+
+
+class LaunchPlan:
+    """Tables for the launches over ``params`` (all from ``flat``), cached between steps.
+
+    Aligned tensors (:func:`is_aligned`) and the others go to two specialisations of the kernel, so
+    the common, aligned launch never carries the scalar path: :attr:`launches` holds one chunk table
+    when every tensor is of one kind (one launch), two when the bucket mixes them.
+    """
+
+    def __init__(self, flat: FlatState, params: list[Tensor], groups: list[int], block: int, vec: int,
+                 unaligned_block: Optional[int] = None) -> None:
         device = flat.key.device
         self.flat = flat
-        self.block = block
+        self.blocks = {True: block, False: unaligned_block or block}
         self.vec = vec  # elements in 128 bits for this bucket's narrower dtype (parameter or gradient)
         self.num_tensors = len(params)
-        numels = [real_view(local(p)).numel() for p in params]
-        self._numel_fits = [n % vec == 0 for n in numels]
+        self._numels = [real_view(local(p)).numel() for p in params]
         slots = [flat.index[id(p)] for p in params]
         meta = torch.tensor(
-            [[flat.offsets[s], n, s, g] for s, n, g in zip(slots, numels, groups)], dtype=torch.int64
+            [[flat.offsets[s], n, s, g] for s, n, g in zip(slots, self._numels, groups)], dtype=torch.int64
         ).reshape(-1, 4)
         self.tensor_meta = upload(meta, device)
-        # Every tensor gets at least one block, so 0-element tensors need no special case.
-        blocks = torch.tensor([max(1, -(-n // block)) for n in numels], dtype=torch.int64)
-        first = torch.cumsum(blocks, 0) - blocks
-        tensor_of_chunk = torch.repeat_interleave(torch.arange(len(params), dtype=torch.int64), blocks)
-        block_of_chunk = torch.arange(int(blocks.sum()), dtype=torch.int64) - first[tensor_of_chunk]
-        self.num_chunks = int(blocks.sum())
-        self.chunk_tensor = upload(tensor_of_chunk.to(torch.int32), device)
-        self.chunk_block = upload(block_of_chunk.to(torch.int32), device)
         self.step_slots = upload(torch.tensor(slots, dtype=torch.int64), device)
         self._ones = torch.ones(len(slots), dtype=torch.float32, device=device)  # made once, not every step
         self.all_slots = slots == list(range(len(flat.params)))
         self._pointers: Optional[list[int]] = None
+        self._aligned: Optional[list[bool]] = None
         self.pointer_table: Optional[Tensor] = None
+        self.launches: list[ChunkTable] = []  # set by refresh_pointers, which knows the addresses
+
+    def _chunk_table(self, aligned: bool, tensors: list[int]) -> ChunkTable:
+        """Programs for ``tensors`` (indices into the plan): every tensor gets at least one block, so
+        0-element tensors need no special case."""
+        block = self.blocks[aligned]
+        blocks = torch.tensor([max(1, -(-self._numels[t] // block)) for t in tensors], dtype=torch.int64)
+        first = torch.cumsum(blocks, 0) - blocks
+        local_of_chunk = torch.repeat_interleave(torch.arange(len(tensors), dtype=torch.int64), blocks)
+        block_of_chunk = torch.arange(int(blocks.sum()), dtype=torch.int64) - first[local_of_chunk]
+        tensor_of_chunk = torch.tensor(tensors, dtype=torch.int64)[local_of_chunk]
+        device = self.flat.key.device
+        return ChunkTable(aligned, block, upload(tensor_of_chunk.to(torch.int32), device),
+                          upload(block_of_chunk.to(torch.int32), device), int(blocks.sum()))
 
     def refresh_pointers(self, params: list[Tensor], grads: list[Tensor]) -> Tensor:
-        """The pointer table for this step (real views of local tensors), uploaded only when an address changed.
-
-        A tensor is marked aligned only when both addresses are 16-byte aligned and its numel is a
-        multiple of ``vec``: only then may the kernel promise 128-bit accesses.
-        """
+        """The pointer table for this step (real views of local tensors), uploaded only when an address
+        changed; the chunk tables are rebuilt when that changes which tensors are aligned."""
         pp = [p.data_ptr() for p in params]
         gp = [g.data_ptr() for g in grads]
         ptrs = pp + gp
         if ptrs != self._pointers:
             refuse_during_capture(self.flat.key.device, "a parameter or gradient tensor moved")
-            aligned = [int(not (a | b) & 15 and fits) for a, b, fits in zip(pp, gp, self._numel_fits)]
-            self.pointer_table = upload(torch.tensor(ptrs + aligned, dtype=torch.int64), self.flat.key.device)
+            self.pointer_table = upload(torch.tensor(ptrs, dtype=torch.int64), self.flat.key.device)
             self._pointers = ptrs
+            aligned = [is_aligned(a, b, n, self.vec) for a, b, n in zip(pp, gp, self._numels)]
+            if aligned != self._aligned:
+                kinds = [(kind, [t for t, a in enumerate(aligned) if a == kind]) for kind in (True, False)]
+                self.launches = [self._chunk_table(kind, tensors) for kind, tensors in kinds if tensors]
+                self._aligned = aligned
         return self.pointer_table
 
     def increment_steps(self, found_inf: Optional[Tensor]) -> None:
