@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from triton_adadelta import Adadelta, adadelta_update_, cpu_fused
-from triton_adadelta import route as route_module
+from triton_adadelta.backends import tables as launch_tables
 from triton_adadelta.reference import join_remainder
 
 # CI runs a fixed set of examples (derandomize) so that its verdict is reproducible; the "thorough"
@@ -277,7 +277,7 @@ def _short(dtype: torch.dtype) -> str:
 
 KERNEL_CASES = list(_kernel_cases())
 # One tensor of every kernel problem spans more than two blocks of the kernel (BLOCK elements each).
-MULTI_BLOCK = max(2 * 2048, 2 * route_module.BLOCK) + 1
+MULTI_BLOCK = max(2 * 2048, 2 * launch_tables.UPDATE_BLOCK) + 1
 
 
 @st.composite

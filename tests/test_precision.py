@@ -35,6 +35,11 @@ from triton_adadelta.reference import (
     split_remainder,
 )
 
+try:  # a module global, where a @triton.jit test kernel finds it
+    from triton_adadelta.kernels.adadelta import _noise
+except ImportError:  # no triton: the kernel tests skip
+    _noise = None
+
 LOW = [torch.bfloat16, torch.float16]
 PATHS = [pytest.param(False, id="torch"), pytest.param(True, id="fused", marks=needs_kernel)]
 
@@ -96,25 +101,41 @@ def test_philox_known_answers_and_lanes():
 
 @needs_kernel
 def test_philox_matches_triton():
+    """The kernel's noise (one Philox call per eight elements and write) is reference.philox_bits'."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def draw(out, seed, base, N: tl.constexpr):
-        ridx = base + tl.arange(0, N).to(tl.int64)
-        c0 = ridx.to(tl.uint32)
-        zero = c0 * 0
-        r0, r1, r2, _ = tl.philox(seed, c0, (ridx >> 32).to(tl.uint32), zero, zero)
+    def draw(out, seed, first, N: tl.constexpr):
         i = tl.arange(0, N)
-        tl.store(out + i, r0.to(tl.int64) & 0xFFFFFFFF)
-        tl.store(out + N + i, r1.to(tl.int64) & 0xFFFFFFFF)
-        tl.store(out + 2 * N + i, r2.to(tl.int64) & 0xFFFFFFFF)
+        tl.store(out + i, _noise(seed, first, 0, N).to(tl.int64) & 0xFFFFFFFF)
+        tl.store(out + N + i, _noise(seed, first, 1, N).to(tl.int64) & 0xFFFFFFFF)
+        tl.store(out + 2 * N + i, _noise(seed, first, 2, N).to(tl.int64) & 0xFFFFFFFF)
 
-    for key1, key0, base in [(0, 0, 0), (5 * 64 + 3, 17, (1 << 32) - 10), ((1 << 30) - 1, (1 << 24) - 1, 123456789012)]:
+    # Flat-state positions (multiples of 64, as segments start) around 0, across the 32-bit counter
+    # wrap (8 * 2^32) and far out.
+    for key1, key0, base in [(0, 0, 0), (5 * 64 + 3, 17, 8 * ((1 << 32) - 4)),
+                             ((1 << 30) - 1, (1 << 24) - 1, 64 * 1929012345)]:
         out = torch.zeros(3 * 64, dtype=torch.int64, device=KERNEL_DEVICE)
         draw[(1,)](out, (key1 << 32) | key0, base, N=64)
         want = torch.cat(philox_bits(PhiloxStream(key0, key1, base), 64, "cpu"))
         assert torch.equal(out.cpu(), want)
+        assert int(want.max()) < 1 << 16 and int(want.max()) > 1 << 15  # 16-bit values, all of them used
+
+
+def test_philox_bits_serve_eight_elements_per_call_and_any_offset():
+    """Lane q of element e is half e % 2 of word (e % 8) // 2 of the call with counter (e // 8, q):
+    any window of the stream equals the same window of a longer draw."""
+    key = PhiloxStream(3, 9, 0)
+    whole = philox_bits(key, 200, "cpu")
+    c = torch.tensor([5], dtype=torch.int64)  # the call that serves elements 40..47
+    words = philox4x32(3, 9, c, c * 0, c * 0 + 2, c * 0)
+    expected = [int(w) >> (16 * h) & 0xFFFF for w in words for h in (0, 1)]
+    assert whole[2][40:48].tolist() == expected
+    for offset, n in [(13, 50), (64, 7), (1, 1)]:
+        part = philox_bits(PhiloxStream(3, 9, offset), n, "cpu", lanes=(1,))
+        assert part[0] is None and part[2] is None
+        assert torch.equal(part[1], whole[1][offset: offset + n])
 
 
 def _values(dtype: torch.dtype) -> torch.Tensor:

@@ -20,7 +20,9 @@ from triton_adadelta.reference import join_remainder
 
 pytestmark = needs_kernel
 
-SHAPES = [(33,), (7, 5), (129,), (8,), (1,)]
+# Sizes that are no multiple of 4: every tensor takes the kernel's unaligned specialisation, so a
+# bucket is one launch (a bucket mixing aligned and unaligned tensors is two: tests/test_codegen.py).
+SHAPES = [(33,), (7, 5), (129,), (6,), (1,)]
 
 
 def _setup():
