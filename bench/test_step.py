@@ -23,28 +23,16 @@ from typing import Any, Callable
 import pytest
 import torch
 from conftest import DEVICE, QUICK, SETS, numel, selected_sets
+from sets import MODES, roofline_bytes, state_dtype_of
 
 from triton_adadelta import Adadelta
 
 IMPLS = ["torch-forloop", "torch-foreach", "torch-compiled", "ours"]
-# mode: (parameter and gradient dtype, state dtype of ours)
-MODES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ON_CPU = DEVICE.startswith("cpu")
 # torch.compile of torch's step: every set is its own compilation (minutes on a small CPU); timed up to 200M there.
 CPU_COMPILED_MAX = 200_000_000
 # Steps per timed round on CUDA, synchronised once at the end (see the module docstring).
 STEPS_PER_ROUND = 1 if ON_CPU or QUICK else 10
-
-
-def roofline_bytes(param_dtype: torch.dtype, state_dtype: torch.dtype) -> int:
-    """Bytes a parameter must move in one step: read p, g, square_avg, acc_delta; write p and both states."""
-    p, s = torch.tensor([], dtype=param_dtype).element_size(), torch.tensor([], dtype=state_dtype).element_size()
-    return 3 * p + 4 * s  # p read + written, g read; each state read + written
-
-
-def _state_dtype(impl: str, dtype: torch.dtype) -> torch.dtype:
-    # torch keeps state in the parameter's dtype; ours keeps float32 state by default.
-    return torch.float32 if impl == "ours" else dtype
 
 
 def _sync(device: torch.device) -> None:
@@ -71,6 +59,9 @@ def make_step(impl: str, params: list[torch.Tensor]) -> tuple[torch.optim.Optimi
         return opt, opt.step
     if impl == "torch-compiled":
         opt = torch.optim.Adadelta(params, foreach=True)
+        # A fresh compilation per case: every case compiles the same code object, and past dynamo's
+        # recompile limit (8) later cases would silently time the eager step under this label.
+        torch._dynamo.reset()
 
         # PyTorch's recipe for a compiled optimizer step.
         @torch.compile(fullgraph=False)
@@ -150,7 +141,7 @@ def test_step(benchmark, device, set_name, mode, impl):
     peak = peak_extra_bytes(timed, device)
 
     n = numel(shapes)
-    per_param = roofline_bytes(dtype, _state_dtype(impl, dtype))
+    per_param = roofline_bytes(dtype, state_dtype_of(impl, dtype))
     benchmark.extra_info.update(
         kind="step", set=set_name, mode=mode, impl=impl, params=n, tensors=len(shapes),
         bytes_per_param=per_param, peak_extra_bytes=peak, device=_device_name(device),

@@ -9,6 +9,11 @@ group, so param groups never split a launch.
 
 Every element is read once (p, g, square_avg, acc_delta) and written once (p, square_avg,
 acc_delta); the arithmetic is float32 in registers.
+
+Tensors whose parameter and gradient are 16-byte aligned with a size a multiple of VEC take the
+ALIGNED specialisation (128-bit accesses); the others another compilation of the same kernel, in
+their own launch, so the common launch never carries the scalar path's registers. Offsets inside
+a block are 32-bit; the 64-bit part (the block's start) is added to the pointers once.
 """
 
 import triton
@@ -50,7 +55,7 @@ def _round_nearest_bf16(x):
 
 @triton.jit
 def _round_stochastic_bf16(x, rnd):
-    """float32 -> bfloat16 without bias: add the low 16 bits of ``rnd`` below the bf16 mantissa, truncate.
+    """float32 -> bfloat16 without bias: add the 16-bit noise ``rnd`` below the bf16 mantissa, truncate.
 
     ``x`` rounds away from zero with probability equal to its distance from the value below, in
     bf16 ulps. Inf stays Inf and a finite value never rounds up into Inf (it saturates).
@@ -72,8 +77,9 @@ def _round_stochastic_fp16(x, rnd):
 
     float16 has 13 fewer mantissa bits than float32 and a smaller exponent range, so the bit trick
     of bf16 fails below 2^-14; instead |x| is measured in float16 ulps (a power of two taken from
-    the exponent bits), and the fraction above the lower neighbour is compared with a 24-bit
-    uniform draw. Every product below is by a power of two, hence exact, and the final value is a
+    the exponent bits), and the fraction above the lower neighbour is compared with the 16-bit
+    uniform draw ``rnd`` (exact odds in the normal range, where the fraction has 13 bits; below,
+    a bias under 2^-17 ulp). Every product below is by a power of two, hence exact, and the final value is a
     float16 value, so the cast does not round whatever the backend's conversion mode.
     """
     a = tl.abs(x)
@@ -82,7 +88,7 @@ def _round_stochastic_fp16(x, rnd):
     ulp = (ulp_exp << 23).to(tl.float32, bitcast=True)
     scaled = a * ((254 - ulp_exp) << 23).to(tl.float32, bitcast=True)
     whole = tl.floor(scaled)
-    u = (rnd >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
+    u = ((rnd & 0xFFFF) * 2 + 1).to(tl.float32) * 7.62939453125e-06  # (k + 1/2) / 2^16: the middle of a step
     mag = tl.where(u < scaled - whole, whole + 1.0, whole) * ulp
     mag = tl.minimum(mag, 65504.0)  # never round a finite value up into Inf
     mag = tl.where(a >= 65536.0, float("inf"), mag)  # beyond float16's range: Inf, as a cast
@@ -115,17 +121,22 @@ def _split_remainder(x):
 
 
 @triton.jit
-def _random_bits(seed, ridx):
-    """Three uniform 32-bit words per element from one Philox-4x32-10 call.
+def _noise(seed, first, PURPOSE: tl.constexpr, BLOCK: tl.constexpr):
+    """16-bit uniform noise for the ``BLOCK`` elements of a flat state from ``first`` (a multiple of 8):
+    one Philox-4x32-10 call serves eight elements, four 32-bit words holding eight 16-bit values.
 
-    Counter: the element's index in the flat state (64 bits in c0, c1); key: ``seed``.
-    reference.philox_bits draws the same words, so both paths round alike.
+    Element ``e`` takes half ``e % 2`` (low, then high) of word ``(e % 8) // 2`` of the call with
+    counter ``(e // 8, PURPOSE, 0)`` (the 64-bit ``e // 8`` in the first two words) and key ``seed``.
+    ``PURPOSE`` (0 parameter, 1 square_avg, 2 acc_delta) keeps the three writes' draws apart, and a
+    variant draws only for the writes it rounds. reference.philox_bits draws the same values.
     """
-    c0 = ridx.to(tl.uint32)
-    c1 = (ridx >> 32).to(tl.uint32)
+    calls = first // 8 + tl.arange(0, BLOCK // 8).to(tl.int64)
+    c0 = calls.to(tl.uint32)
     zero = c0 * 0
-    r0, r1, r2, _ = tl.philox(seed, c0, c1, zero, zero)
-    return r0, r1, r2
+    r0, r1, r2, r3 = tl.philox(seed, c0, (calls >> 32).to(tl.uint32), zero + PURPOSE, zero)
+    words = tl.join(tl.join(r0, r2), tl.join(r1, r3))  # [BLOCK/8, 2, 2]: word 2x + y at [:, x, y]
+    halves = tl.join(words & 0xFFFF, words >> 16)  # [BLOCK/8, 2, 2, 2]: row-major order is element order
+    return tl.reshape(halves, [BLOCK])
 
 
 @triton.jit
@@ -146,10 +157,12 @@ def _store(ptr, value, mask, rnd, STOCHASTIC: tl.constexpr):
 
 @triton.jit
 def _update_block(
-    p_ptr, g_ptr, v_ptr, u_ptr, m_ptr, idx, mask, seed, ridx,
+    p_ptr, g_ptr, v_ptr, u_ptr, m_ptr, mask, seed, first,
     lr, rho, omr, eps, wd, sign, gscale, coef, clip,
-    HAS_CLIP: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_CLIP: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
 ):
+    """One block: the pointers point at its first element, ``first`` is that element's index in the flat state."""
+    idx = tl.arange(0, BLOCK)  # 32-bit offsets inside the block; the 64-bit part is in the pointers
     if MASTER == 2:
         p = _join_remainder(tl.load(p_ptr + idx, mask=mask, other=0.0), tl.load(m_ptr + idx, mask=mask, other=0))
     elif MASTER == 1:
@@ -175,22 +188,25 @@ def _update_block(
     u = u * rho + (omr * delta) * delta
     p = p - lr * delta
 
-    # `ridx` numbers the element within its flat state: one Philox counter per element, three lanes.
-    if STOCHASTIC:
-        r_p, r_v, r_u = _random_bits(seed, ridx)
-    else:
-        r_p = 0
-        r_v = 0
-        r_u = 0
-    _store(v_ptr + idx, v, mask, r_v, STOCHASTIC)
-    _store(u_ptr + idx, u, mask, r_u, STOCHASTIC)
+    # Noise only for the writes that round to 16 bits, each draw just before its store (fewer live
+    # registers): a Philox call per 8 elements and write.
+    r = 0
+    if STOCHASTIC and v_ptr.dtype.element_ty != tl.float32:
+        r = _noise(seed, first, 1, BLOCK)
+    _store(v_ptr + idx, v, mask, r, STOCHASTIC)
+    if STOCHASTIC and u_ptr.dtype.element_ty != tl.float32:
+        r = _noise(seed, first, 2, BLOCK)
+    _store(u_ptr + idx, u, mask, r, STOCHASTIC)
+    if STOCHASTIC and MASTER == 0 and p_ptr.dtype.element_ty != tl.float32:
+        r = _noise(seed, first, 0, BLOCK)
+    r_p = r
     if MASTER == 2:
         high, low = _split_remainder(p)
         tl.store(p_ptr + idx, high, mask=mask)
         tl.store(m_ptr + idx, low, mask=mask)
     elif MASTER == 1:
-        tl.store(m_ptr + idx, p, mask=mask)
         _store(p_ptr + idx, p, mask, r_p, False)
+        tl.store(m_ptr + idx, p, mask=mask)
     else:
         _store(p_ptr + idx, p, mask, r_p, STOCHASTIC)
 
@@ -208,7 +224,7 @@ def _stream_id(P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr):
 
 @triton.jit
 def adadelta_kernel(
-    param_table,  # int64 [3T]: parameter addresses, gradient addresses, 1 where the tensor is aligned
+    param_table,  # int64 [2T]: parameter addresses, then gradient addresses
     tensor_meta,  # int64 [T, META_COLS]: state offset, elements (real view), step slot, param group
     chunk_tensor,  # int32 [C]: tensor of each program
     chunk_block,  # int32 [C]: block of that tensor handled by each program
@@ -229,10 +245,11 @@ def adadelta_kernel(
     HAS_SCALER: tl.constexpr,
     MASTER: tl.constexpr,
     STOCHASTIC: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every tensor of this launch: both addresses 16-byte aligned, numel % VEC == 0
 ):
     pid = tl.program_id(0)
     t = tl.load(chunk_tensor + pid)
-    block = tl.load(chunk_block + pid).to(tl.int64)
+    start = tl.load(chunk_block + pid).to(tl.int64) * BLOCK
     offset = tl.load(tensor_meta + t * META_COLS + META_OFFSET)
     step_slot = tl.load(tensor_meta + t * META_COLS + META_STEP)
     row = tl.load(tensor_meta + t * META_COLS + META_GROUP) * HYPER_COLS
@@ -262,28 +279,20 @@ def adadelta_kernel(
         seed = key1 * 4294967296 + tl.load(steps + step_slot).to(tl.int64)
 
     if skip == 0.0:
-        aligned = tl.load(param_table + 2 * num_tensors + t)
-        # State offsets are padded to 64 elements and blocks start at multiples of BLOCK: always true hints.
-        offset = tl.multiple_of(offset, 64)
-        start = tl.multiple_of(block * BLOCK, BLOCK)
-        idx = start + tl.arange(0, BLOCK)
-        if aligned != 0:
-            # The host checked: both addresses are 16-byte aligned and n is a multiple of VEC. A hint
-            # sticks to the operation that made the value, so this branch loads its own pointers and n:
-            # the other branch's values must stay free of the promise. (Loaded inline: a hint on the
-            # result of a @triton.jit call is lost when the call is inlined.)
-            p_ptr = tl.multiple_of(tl.load(param_table + t).to(tl.pointer_type(P_DTYPE)), 16)
-            g_ptr = tl.multiple_of(tl.load(param_table + num_tensors + t).to(tl.pointer_type(G_DTYPE)), 16)
-            n = tl.multiple_of(tl.load(tensor_meta + t * META_COLS + META_NUMEL), VEC)
-            mask = idx < n  # the one mask: the tail of each tensor's last block
-            _update_block(p_ptr, g_ptr, square_avg + offset, acc_delta + offset, master + offset, idx, mask,
-                          seed, offset + idx, lr, rho, omr, eps, wd, sign, gscale, coef, clip,
-                          HAS_CLIP, MASTER, STOCHASTIC)
-        else:
-            p_ptr = tl.load(param_table + t).to(tl.pointer_type(P_DTYPE))
-            g_ptr = tl.load(param_table + num_tensors + t).to(tl.pointer_type(G_DTYPE))
-            n = tl.load(tensor_meta + t * META_COLS + META_NUMEL)
-            mask = idx < n
-            _update_block(p_ptr, g_ptr, square_avg + offset, acc_delta + offset, master + offset, idx, mask,
-                          seed, offset + idx, lr, rho, omr, eps, wd, sign, gscale, coef, clip,
-                          HAS_CLIP, MASTER, STOCHASTIC)
+        # State offsets are padded to 64 elements and blocks start at multiples of BLOCK: a true hint.
+        first = tl.multiple_of(offset + start, 64)
+        # Elements of this block in the tensor (the one mask: the tail of each tensor's last block).
+        left = tl.minimum(tl.load(tensor_meta + t * META_COLS + META_NUMEL) - start, BLOCK).to(tl.int32)
+        p_ptr = tl.load(param_table + t).to(tl.pointer_type(P_DTYPE)) + start
+        g_ptr = tl.load(param_table + num_tensors + t).to(tl.pointer_type(G_DTYPE)) + start
+        if ALIGNED:
+            # The host checked every tensor of this launch: both addresses are 16-byte aligned and n is
+            # a multiple of VEC (so is `left`, BLOCK being one). The unaligned specialisation never
+            # sees these promises: it is another compilation of this kernel, another launch.
+            p_ptr = tl.multiple_of(p_ptr, 16)
+            g_ptr = tl.multiple_of(g_ptr, 16)
+            left = tl.multiple_of(left, VEC)
+        mask = tl.arange(0, BLOCK) < left
+        _update_block(p_ptr, g_ptr, square_avg + first, acc_delta + first, master + first, mask, seed, first,
+                      lr, rho, omr, eps, wd, sign, gscale, coef, clip,
+                      BLOCK, HAS_CLIP, MASTER, STOCHASTIC)

@@ -81,3 +81,35 @@ def test_shipped_corpus_is_the_generated_one():
     text = corpus.load()
     assert text == corpus.generate()
     assert 300_000 <= len(text) <= 400_000 and text.isascii()
+
+
+def test_cuda_resolves_to_the_gpu_defaults_without_a_gpu():
+    """--device cuda (or a machine with a GPU) trains GPT-2 small's shape in bf16 for 100 steps; the CPU
+    keeps the small fp32 model. Resolved without touching a GPU."""
+    import torch
+
+    from triton_adadelta.compare import SIZES, parse_args
+
+    for argv, available in ((["--device", "cuda"], False), ([], True), (["--device", "cuda:1"], False)):
+        args = parse_args(argv, cuda_available=available)
+        assert torch.device(args.device).type == "cuda"
+        assert (args.size, args.dtype, args.steps, args.batch) == ("gpt2", "bf16", 100, 64)
+    assert SIZES["gpt2"][:4] == (1024, 768, 12, 12)  # context, width, layers, heads: GPT-2 small
+    args = parse_args([], cuda_available=False)
+    assert (args.device, args.size, args.dtype, args.steps, args.batch) == ("cpu", "small", "fp32", 100, 16)
+    args = parse_args(["--device", "cuda", "--size", "tiny", "--dtype", "fp32", "--steps", "7", "--batch", "3"],
+                      cuda_available=False)
+    assert (args.size, args.dtype, args.steps, args.batch) == ("tiny", "fp32", 7, 3)  # given options win
+
+
+def test_gpt2_size_has_gpt2_small_shape():
+    """The CUDA default model: 12 blocks of width 768 (GPT-2 small's 85M non-embedding parameters)."""
+    import torch
+
+    from triton_adadelta.compare import SIZES
+
+    context, width, layers, heads, _ = SIZES["gpt2"]
+    with torch.device("meta"):
+        model = GPT(GPTConfig(vocab=46, context=context, width=width, layers=layers, heads=heads))
+    blocks = sum(p.numel() for p in model.blocks.parameters())
+    assert blocks == layers * (12 * width * width + 13 * width) == 85_054_464

@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import CPU_PATHS, KERNEL_DEVICE, needs_gpu, needs_kernel, use_path
+from conftest import CPU_PATHS, KERNEL_DEVICE, fused_cpu_library, needs_gpu, needs_kernel, use_path
 from helpers import bf16_ulp
 
 from triton_adadelta import Adadelta, clipping
@@ -175,16 +175,26 @@ def _count_launches(monkeypatch):
 
 # ============================================================================== numbers: clipping, decay, schedules
 # float64 parameters always take the PyTorch path: the fused path is float32 here, 16-bit below.
-PATH_DTYPES = [("default", torch.float32), ("default", torch.float64),
+# "cpu-fused": the fused CPU path (the C update), the default for CPU tensors without the interpreter.
+PATH_DTYPES = [("default", torch.float32), ("default", torch.float64), ("cpu-fused", torch.float32),
                pytest.param("fused", torch.float32, marks=needs_kernel)]
 
 
-@pytest.mark.parametrize("path, dtype", PATH_DTYPES, ids=["default-fp32", "default-fp64", "fused-fp32"])
+def _route(path, monkeypatch) -> tuple:
+    """(device, fused) for this file's paths: "default" (the reference), "fused" (the kernel), "cpu-fused"."""
+    if path == "cpu-fused":
+        return use_path(path, monkeypatch)
+    return _device(path), _fused(path)
+
+
+@pytest.mark.parametrize("path, dtype", PATH_DTYPES, ids=["default-fp32", "default-fp64", "cpu-fused-fp32",
+                                                           "fused-fp32"])
 @pytest.mark.parametrize("clip", list(CLIPS), ids=list(CLIPS))
-def test_clipping_matches_keras_over_steps(path, clip, dtype):
-    params = _make(SHAPES, dtype, _device(path), seed=1)
+def test_clipping_matches_keras_over_steps(path, clip, dtype, monkeypatch):
+    dev, fused = _route(path, monkeypatch)
+    params = _make(SHAPES, dtype, dev, seed=1)
     values = {i: _np(p) for i, p in enumerate(params)}
-    opt = Adadelta(params, learning_rate=0.5, rho=0.95, epsilon=1e-6, fused=_fused(path), **CLIPS[clip])
+    opt = Adadelta(params, learning_rate=0.5, rho=0.95, epsilon=1e-6, fused=fused, **CLIPS[clip])
     oracle = KerasAdadelta(learning_rate=0.5, rho=0.95, epsilon=1e-6, **CLIPS[clip])
     unclipped = KerasAdadelta(learning_rate=0.5, rho=0.95, epsilon=1e-6)
     plain = {k: v.copy() for k, v in values.items()}
@@ -206,13 +216,17 @@ def test_clipping_matches_keras_over_steps(path, clip, dtype):
         assert max(np.abs(values[i] - plain[i]).max() for i in values) > 1e-3
 
 
-@needs_kernel
-@pytest.mark.parametrize("clip", ["value+norm", "value+global", "norm"])
+@pytest.mark.parametrize("path", [pytest.param("fused", marks=needs_kernel), "cpu-fused"])
+@pytest.mark.parametrize("clip", ["value+norm", "value+global", "norm", "global"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_clipping_low_precision_fused_each_step(clip, dtype):
-    """16-bit parameters, float32 state: each step from the kernel's own values, within one ulp of Keras."""
-    params = _make(SHAPES, dtype, KERNEL_DEVICE, seed=2)
-    opt = Adadelta(params, learning_rate=0.5, rho=0.95, epsilon=1e-6, fused=True, **CLIPS[clip])
+def test_clipping_low_precision_fused_each_step(clip, dtype, path, monkeypatch):
+    """16-bit parameters, float32 state: each step from the fused path's own values (the kernel's or
+    the C update's), within one ulp of Keras."""
+    dev, fused = _route(path, monkeypatch)
+    if path == "cpu-fused" and (dtype, dtype, torch.float32) not in fused_cpu_library().functions:
+        pytest.skip("float16 on the fused CPU path needs a compiler with _Float16")
+    params = _make(SHAPES, dtype, dev, seed=2)
+    opt = Adadelta(params, learning_rate=0.5, rho=0.95, epsilon=1e-6, fused=fused, **CLIPS[clip])
     oracle = KerasAdadelta(learning_rate=0.5, rho=0.95, epsilon=1e-6, **CLIPS[clip])
     for step in range(2):
         grads = _grads(params, seed=20 + step)
@@ -977,3 +991,22 @@ def test_weights_follow_the_order_of_the_first_apply(path, monkeypatch):
     assert entries == oracle.weight_order == [("c", "accum_grad"), ("a", "accum_grad"), ("c", "accum_var"),
                                               ("a", "accum_var"), ("b", "accum_grad"), ("b", "accum_var")]
     assert [tuple(w.shape) for w in opt.weights] == [(), (4,), (3,), (4,), (3,), (2,), (2,)]
+
+
+def test_squared_norm_hook_is_set_by_a_public_method():
+    """set_squared_norm_hook is the public way to set the data-parallel hook (the former private attribute
+    still works, see above); None removes it, and a hook that is not callable is refused."""
+    params = _make(SHAPES, torch.float32, "cpu", seed=19)
+    opt = Adadelta(params, clipnorm=1.0, fused=False)
+    seen = []
+    opt.set_squared_norm_hook(lambda sq: seen.append(sq.clone()))
+    for p, g in zip(params, _grads(params, seed=20)):
+        p.grad = g
+    opt.step()
+    assert len(seen) == 1 and seen[0].shape == (len(params) + 1,)
+    _close(seen[0][:-1], [float((_np(p.grad) ** 2).sum()) for p in params], torch.float32, "squared norms")
+    opt.set_squared_norm_hook(None)
+    opt.step()
+    assert len(seen) == 1
+    with pytest.raises(TypeError, match="callable"):
+        opt.set_squared_norm_hook(3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import site
 import subprocess
 import sys
 import venv
@@ -29,9 +30,17 @@ def test_wheel_installs_and_imports_outside_the_checkout(tmp_path):
     assert not any(n.startswith("kernels/") for n in names), "must not install a top-level `kernels` package"
 
     env_dir = tmp_path / "venv"
-    # System site packages give the venv torch and triton without a download; our package is not there.
-    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
+    venv.EnvBuilder(with_pip=True).create(env_dir)
     py = str(env_dir / "bin" / "python")
+    # torch and triton without a download: the running interpreter's site directories, appended to the new
+    # venv's path by a .pth file. (system_site_packages would give the base interpreter's, which have no
+    # torch when the suite itself runs in a venv.) The .pth files in those directories are not processed,
+    # so an editable install of this package there stays out; the wheel below is the only copy.
+    site_dirs = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    own_site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+    with open(os.path.join(own_site, "outer_site_packages.pth"), "w") as pth:
+        pth.write("".join(d + "\n" for d in site_dirs if os.path.isdir(d)))
     subprocess.run([py, "-m", "pip", "install", "--no-deps", "-q", str(wheels[0])], check=True, timeout=600)
     code = (
         "import os, triton_adadelta, triton_adadelta.kernels as k, torch;"

@@ -27,12 +27,18 @@ from helpers import (
 from triton_adadelta import Adadelta
 from triton_adadelta.reference import (
     PhiloxStream,
+    adadelta_update_,
     join_remainder,
     philox4x32,
     philox_bits,
     round_stochastic,
     split_remainder,
 )
+
+try:  # a module global, where a @triton.jit test kernel finds it
+    from triton_adadelta.kernels.adadelta import _noise
+except ImportError:  # no triton: the kernel tests skip
+    _noise = None
 
 LOW = [torch.bfloat16, torch.float16]
 PATHS = [pytest.param(False, id="torch"), pytest.param(True, id="fused", marks=needs_kernel)]
@@ -95,25 +101,41 @@ def test_philox_known_answers_and_lanes():
 
 @needs_kernel
 def test_philox_matches_triton():
+    """The kernel's noise (one Philox call per eight elements and write) is reference.philox_bits'."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def draw(out, seed, base, N: tl.constexpr):
-        ridx = base + tl.arange(0, N).to(tl.int64)
-        c0 = ridx.to(tl.uint32)
-        zero = c0 * 0
-        r0, r1, r2, _ = tl.philox(seed, c0, (ridx >> 32).to(tl.uint32), zero, zero)
+    def draw(out, seed, first, N: tl.constexpr):
         i = tl.arange(0, N)
-        tl.store(out + i, r0.to(tl.int64) & 0xFFFFFFFF)
-        tl.store(out + N + i, r1.to(tl.int64) & 0xFFFFFFFF)
-        tl.store(out + 2 * N + i, r2.to(tl.int64) & 0xFFFFFFFF)
+        tl.store(out + i, _noise(seed, first, 0, N).to(tl.int64) & 0xFFFFFFFF)
+        tl.store(out + N + i, _noise(seed, first, 1, N).to(tl.int64) & 0xFFFFFFFF)
+        tl.store(out + 2 * N + i, _noise(seed, first, 2, N).to(tl.int64) & 0xFFFFFFFF)
 
-    for key1, key0, base in [(0, 0, 0), (5 * 64 + 3, 17, (1 << 32) - 10), ((1 << 30) - 1, (1 << 24) - 1, 123456789012)]:
+    # Flat-state positions (multiples of 64, as segments start) around 0, across the 32-bit counter
+    # wrap (8 * 2^32) and far out.
+    for key1, key0, base in [(0, 0, 0), (5 * 64 + 3, 17, 8 * ((1 << 32) - 4)),
+                             ((1 << 30) - 1, (1 << 24) - 1, 64 * 1929012345)]:
         out = torch.zeros(3 * 64, dtype=torch.int64, device=KERNEL_DEVICE)
         draw[(1,)](out, (key1 << 32) | key0, base, N=64)
         want = torch.cat(philox_bits(PhiloxStream(key0, key1, base), 64, "cpu"))
         assert torch.equal(out.cpu(), want)
+        assert int(want.max()) < 1 << 16 and int(want.max()) > 1 << 15  # 16-bit values, all of them used
+
+
+def test_philox_bits_serve_eight_elements_per_call_and_any_offset():
+    """Lane q of element e is half e % 2 of word (e % 8) // 2 of the call with counter (e // 8, q):
+    any window of the stream equals the same window of a longer draw."""
+    key = PhiloxStream(3, 9, 0)
+    whole = philox_bits(key, 200, "cpu")
+    c = torch.tensor([5], dtype=torch.int64)  # the call that serves elements 40..47
+    words = philox4x32(3, 9, c, c * 0, c * 0 + 2, c * 0)
+    expected = [int(w) >> (16 * h) & 0xFFFF for w in words for h in (0, 1)]
+    assert whole[2][40:48].tolist() == expected
+    for offset, n in [(13, 50), (64, 7), (1, 1)]:
+        part = philox_bits(PhiloxStream(3, 9, offset), n, "cpu", lanes=(1,))
+        assert part[0] is None and part[2] is None
+        assert torch.equal(part[1], whole[1][offset: offset + n])
 
 
 def _values(dtype: torch.dtype) -> torch.Tensor:
@@ -603,9 +625,25 @@ def _snapshot(opt, params):
         t.detach().clone() for p in params for t in opt.state[p].values() if isinstance(t, torch.Tensor)]
 
 
+def _count_reference_updates(monkeypatch) -> list[int]:
+    """Records the size of every tensor the reference path updates (reference.adadelta_update_ as the
+    optimizer calls it): proof that an oracle ran the reference path and not the kernel."""
+    from triton_adadelta.backends import torch as torch_backend
+
+    seen: list[int] = []
+    real = torch_backend.adadelta_update_
+
+    def spy(p, *args, **kwargs):
+        seen.append(p.numel())
+        return real(p, *args, **kwargs)
+
+    monkeypatch.setattr(torch_backend, "adadelta_update_", spy)
+    return seen
+
+
 @pytest.mark.parametrize("fused", PATHS)
 @pytest.mark.parametrize("mode", ["plain", "stochastic", "master"])
-def test_grad_scaler_loop_with_fp16_params(fused, mode):
+def test_grad_scaler_loop_with_fp16_params(fused, mode, monkeypatch):
     """torch.amp.GradScaler with fp16 parameters and fp16 gradients.
 
     The first steps overflow by themselves (scale 2^16), one later step gets an injected Inf: those
@@ -622,6 +660,7 @@ def test_grad_scaler_loop_with_fp16_params(fused, mode):
     oracle_w = w.detach().cpu().clone()
     oracle = Adadelta([oracle_w], fused=False, **kw)
     scaler = torch.amp.GradScaler(torch.device(dev).type, init_scale=2.0**16, growth_interval=3)
+    reference_updates = _count_reference_updates(monkeypatch)
     skipped = taken = 0
     for step in range(12):
         opt.zero_grad()
@@ -647,10 +686,13 @@ def test_grad_scaler_loop_with_fp16_params(fused, mode):
         # The oracle: our PyTorch path with the unscaled float32 gradient, from the same state.
         if sd_before["state"]:
             oracle.load_state_dict(sd_before)
+            oracle.param_groups[0]["fused"] = False  # the loaded group says fused=True
         with torch.no_grad():
             oracle_w.copy_(w_before)
         set_grads([oracle_w], [scaled.cpu().float() / scale])
+        before_oracle = len(reference_updates)
         oracle.step()
+        assert reference_updates[before_oracle:] == [oracle_w.numel()], "the oracle step ran the reference update"
         _check_within_one_ulp(w, oracle_w, f"step {step} param")
         assert float(opt.state[w]["step"]) == float(oracle.state[oracle_w]["step"]) == taken
     assert skipped >= 2 and taken >= 5, (skipped, taken)
@@ -818,6 +860,52 @@ def _pending_master_opt():
     with torch.no_grad():
         p.copy_(tp)  # the model checkpoint, loaded after the optimizer's
     return opt, p, tp.detach().clone()
+
+
+@pytest.mark.parametrize("fused", PATHS)
+def test_remainder_mode_loading_a_torch_state_dict_keeps_no_stale_remainder(fused):
+    """Our remainder-mode state_dict through torch.optim.Adadelta and back: torch carries our int16
+    remainders along cast to bfloat16 and never updates them. Loaded back (with the model's weights),
+    the weights are the bfloat16 parameters exactly (remainder 0), and the next step is a reference
+    step from them (master_weights=True taken from the same parameters)."""
+    dev = _device(fused)
+    params = make_params([(300,), (7, 5)], torch.bfloat16, dev, seed=21)
+    ours = Adadelta(params, master_weights="remainder", fused=fused, lr=0.5)
+    for step in range(3):
+        set_grads(params, random_grads(params, seed=90 + step))
+        ours.step()
+    assert all(bool((ours.state[p]["master"] != 0).any()) for p in params)  # remainders to go stale
+    torch_params = [p.detach().cpu().clone() for p in params]
+    theirs = torch.optim.Adadelta(torch_params, lr=0.5)
+    theirs.load_state_dict(copy.deepcopy(ours.state_dict()))
+    assert theirs.state[torch_params[0]]["master"].dtype == torch.bfloat16  # carried along, cast
+    for step in range(2):
+        set_grads(torch_params, random_grads(torch_params, seed=95 + step))
+        theirs.step()
+    sd = theirs.state_dict()
+
+    ours.load_state_dict(copy.deepcopy(sd))
+    with torch.no_grad():  # the model checkpoint, loaded after the optimizer's
+        for p, t in zip(params, torch_params):
+            p.copy_(t)
+    for p, t in zip(params, torch_params):
+        assert torch.equal(join_remainder(p, ours.state[p]["master"]).cpu(), t.float()), "a stale remainder"
+        assert torch.equal(ours.state[p]["square_avg"].cpu(), theirs.state[t]["square_avg"].float())
+    grads = random_grads(torch_params, seed=99)
+    set_grads(params, [g.to(dev) for g in grads])
+    ours.step()
+    for i, (p, t) in enumerate(zip(params, torch_params)):
+        # The oracle: the reference function on float32 copies of the loaded weights and state.
+        weights = t.float()
+        adadelta_update_(weights, grads[i].float(), theirs.state[t]["square_avg"].float(),
+                         theirs.state[t]["acc_delta"].float(), lr=0.5, rho=0.9, eps=1e-6)
+        ours_weights = join_remainder(p, ours.state[p]["master"]).cpu()
+        if fused:  # the kernel's float32 arithmetic against torch's CPU ops: within their rounding
+            assert_close_rel(ours_weights, weights, rtol=1e-6, what=f"weights {i}")
+        else:
+            assert torch.equal(ours_weights, weights), f"weights {i}"
+        assert not torch.equal(ours_weights, t.float())  # it moved
+        assert float(ours.state[p]["step"]) == float(theirs.state[t]["step"]) + 1 == 6
 
 
 @pytest.mark.parametrize("how", ["state_dict", "deepcopy", "pickle"])

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import _triton
 from .backends import tables
-from .backends.tables import BLOCK, NUM_WARPS, upload
+from .backends.tables import NORM_BLOCK, NUM_WARPS, upload
 from .reference import compute_dtype, real_view
 from .validation import check_nonnegative
 
@@ -136,7 +136,7 @@ class NormPlan:
     """Tables for one norm launch over gradients of given sizes and dtypes on one device, cached."""
 
     def __init__(self, numels: list[int], codes: list[int], device: torch.device) -> None:
-        chunks = tables.chunk_table(numels, BLOCK * _CHUNK_BLOCKS, device)
+        chunks = tables.chunk_table(numels, NORM_BLOCK * _CHUNK_BLOCKS, device)
         meta = torch.stack([torch.tensor(numels, dtype=torch.int64), torch.tensor(codes, dtype=torch.int64),
                             chunks.first, chunks.counts], 1) if numels else torch.zeros(0, 4, dtype=torch.int64)
         self.num_tensors = len(numels)
@@ -209,7 +209,7 @@ def _launch(
             out, coef if coef is not None else out, scale,
             float(clip_value) if clip_value is not None else 0.0, float(threshold) if threshold is not None else 0.0,
             plan.num_tensors,
-            BLOCK=BLOCK, CHUNK_BLOCKS=_CHUNK_BLOCKS, RBLOCK=_RBLOCK,
+            BLOCK=NORM_BLOCK, CHUNK_BLOCKS=_CHUNK_BLOCKS, RBLOCK=_RBLOCK,
             HAS_SCALER=has_scaler, HAS_CLIPVALUE=clip_value is not None, MODE=mode,
             num_warps=NUM_WARPS,
             enable_fp_fusion=False,  # x*x + acc rounded twice on every backend and Triton version

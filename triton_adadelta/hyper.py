@@ -222,8 +222,8 @@ def device_lr(group: dict[str, Any]) -> None:
         return
     device = local(group["params"][0]).device
     lr = group["lr"]
-    if isinstance(lr, Tensor) and lr.device == device:
-        return
+    if (isinstance(lr, Tensor) and lr.device == device) or device.type == "meta":
+        return  # (meta parameters get their device lr at the first step, after to_empty())
     wide = any(p.dtype in (torch.float64, torch.complex128) for p in group["params"])
     dtype = torch.float64 if wide else torch.float32
     if isinstance(lr, Tensor):

@@ -238,6 +238,11 @@ def _step_post_hook(opt: Any, args: Any, kwargs: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------------- the mixin
+# Keys that only Keras 3's optimizer configs have (its base Optimizer writes them all).
+_KERAS3_ONLY_KEYS = ("use_ema", "ema_momentum", "ema_overwrite_frequency", "loss_scale_factor",
+                     "gradient_accumulation_steps")
+
+
 class KerasHost(Protocol):
     """What the Keras layer uses of the optimizer it is mixed into: torch's contract, plus the public
     ``iterations``, ``lr_schedule``, ``clipping`` (a :class:`clipping.ClipSettings`) and :meth:`init_state`
@@ -516,7 +521,8 @@ class KerasOptimizerMixin(KerasHost if TYPE_CHECKING else object):
 
     def get_slot_names(self) -> list[str]:
         """``[]`` before any state exists, then ``["accum_grad", "accum_var"]`` and the user slots' names."""
-        names = ["accum_grad", "accum_var"] if any(st for st in self.state.values()) else []
+        has_state = any(st for p, st in self.state.items() if isinstance(p, Tensor))  # (other keys: users' flags)
+        names = ["accum_grad", "accum_var"] if has_state else []
         return names + [n for n in self._user_slot_names if n not in names]
 
     def get_slot(self, var: Tensor, slot_name: str) -> Tensor:
@@ -791,6 +797,12 @@ class KerasOptimizerMixin(KerasHost if TYPE_CHECKING else object):
         ``lr`` is renamed ``learning_rate``; a dict learning rate is a schedule (``custom_objects``
         resolves its class name); dtype names become dtypes.
         """
+        keras3_keys = [k for k in _KERAS3_ONLY_KEYS if k in config]
+        if keras3_keys:
+            raise TypeError(
+                f"this is a Keras 3 optimizer config (it has {keras3_keys}); triton_adadelta.Adadelta speaks "
+                "tf.keras 2's API. For Keras 3 (KERAS_BACKEND=torch) use "
+                "triton_adadelta.keras3.Adadelta.from_config(config)")
         config = dict(config)
         config.pop("is_legacy_optimizer", None)
         if "lr" in config:

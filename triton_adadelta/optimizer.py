@@ -28,7 +28,7 @@ from .backends import torch as torch_backend
 from .backends import triton as triton_backend
 from .keras import EPS_DEFAULT, LR_DEFAULT, KerasOptimizerMixin, dtype_from_name, resolve_arguments
 from .schedules import takes_step
-from .shards import is_dtensor, local, shard_norm_hook
+from .shards import local, shard_norm_hook
 from .state import StateDict, StateStore
 
 __all__ = ["Adadelta"]
@@ -111,7 +111,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
             seed=random.Random(torch.initial_seed()).randrange(1 << 24), decay=decay,
         )
         validation.check_options(defaults)
-        self._store = StateStore()  # before torch's __init__, which sets self.state
+        self._store = StateStore(differentiable)  # before torch's __init__, which sets self.state
         self._skipped_steps: Optional[Tensor] = None  # device counter, created by the first checked step
         self.clipping = clipping.ClipSettings(**clips)
         self._iters = hyper.Iterations(torch.zeros((), dtype=torch.int64))
@@ -237,7 +237,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
-        self.__dict__["_store"] = StateStore.from_pickle(state)
+        self.__dict__["_store"] = StateStore.from_pickle(state, bool(state["defaults"].get("differentiable")))
         numbers = {k: state.pop(k, None) for k in self._PICKLED_NUMBERS}
         state.pop("_iterations_version", None)
         for k in ("_plans", "_hyper", "_route", "_flat_bound"):
@@ -260,16 +260,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         """Complete torch's state_dict (a state_dict post-hook that runs before the user's): per-parameter
         dicts copied (tensors shared as in torch), plus ``"skipped_steps"`` once ``skip_nonfinite`` has
         checked a step, and ``iterations`` in every group (torch.distributed.checkpoint keeps groups)."""
-        # torch hands out its live per-parameter dicts: editing the result would edit the optimizer.
-        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
-        for entry in sd["state"].values():
-            for name, value in entry.items():
-                # Complex state is a complex view of a real flat buffer that real parameters share;
-                # torch.save refuses one storage seen as two dtypes, so such entries are copied. A
-                # DTensor over a view at an offset into a buffer cannot be pickled or deep-copied at all
-                # (torch 2.11-2.13: "invalid python storage"), so sharded state is copied too.
-                if isinstance(value, Tensor) and (is_dtensor(value) or value.is_complex()):
-                    entry[name] = value.clone()
+        self._store.complete_state_dict(sd, self.param_groups)
         # Group settings are plain values (torch.distributed.checkpoint refuses a torch.dtype), and
         # carry the counters outside the state: DCP keeps only "state" and "param_groups".
         iterations = self._iters.count()
@@ -278,9 +269,6 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
             if isinstance(g.get("state_dtype"), torch.dtype):
                 g["state_dtype"] = str(g["state_dtype"]).replace("torch.", "")
             g["iterations"] = iterations
-        if self._store.master_from_param:
-            index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-            self._store.saved_entries(sd["state"], index)
         if self._skipped_steps is not None:
             sd["skipped_steps"] = self._skipped_steps.clone()
 
@@ -310,12 +298,17 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         group_of = {id(p): g for g in new_groups for p in g["params"]}
         id_map = {old_id: p for g, sg in zip(self.param_groups, state_dict["param_groups"])
                   for old_id, p in zip(sg["params"], g["params"])}
+        saved = state_dict["state"]
         previous = (self._store.snapshot(), self.param_groups, self._skipped_steps)
         self._forget()
         self.param_groups = new_groups
         try:
-            self._store.load([(group_of[id(id_map[k])], id_map[k], v) for k, v in state_dict["state"].items()
-                              if len(v)])
+            # A key that is no parameter's index is not a parameter's state (a user's flag): it comes back as
+            # it is, as in torch (validation refuses one that holds a parameter's state).
+            self._store.load([(group_of[id(id_map[k])], id_map[k], v) for k, v in saved.items()
+                              if k in id_map and len(v)],
+                             [id_map[k] if k in id_map else (k, v) for k, v in saved.items()
+                              if k not in id_map or len(v)])
             if "skipped_steps" in state_dict:
                 first = next((p for g in new_groups for p in g["params"]), None)
                 dev = first.device if first is not None else _CPU
@@ -388,7 +381,7 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
         # zero gradients) that must change no parameter; a Keras schedule would otherwise replace that lr.
         self._lr_zeroed = (self._schedule is not None
                            and all(not isinstance(g["lr"], Tensor) and g["lr"] == 0 for g in groups)
-                           and not any(self.state.values()))
+                           and not any(v for k, v in self.state.items() if isinstance(k, Tensor)))
         # 2. Route: the per-tensor checks, new state and the routing run again only when the signature
         # changes (about 1 µs a tensor to read; gradients are new tensors each step, their metadata usually not).
         route, grads = self._routed()
@@ -439,6 +432,8 @@ class Adadelta(KerasOptimizerMixin, torch.optim.Optimizer):
                     watch=routing.Watch.of(self.param_groups, route.params, grads))
         else:
             validation.check_step_tensors(self.param_groups, self.state)
+            # fused=True accepts meta parameters at construction (torch's rule): their device is checked here.
+            validation.check_fused_devices(self.param_groups, routing.fused_unavailable)
             self._store.prepare(self.param_groups, [(g, [p for p in g["params"] if p.grad is not None])
                                                     for g in self.param_groups])
             if self._plans_generation != self._store.generation:  # buffers reallocated: plans are stale

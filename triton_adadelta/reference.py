@@ -95,22 +95,33 @@ def philox4x32(
     return c0, c1, c2, c3
 
 
-def philox_bits(stream: PhiloxStream, numel: int, device: Union[str, torch.device]) -> tuple[Tensor, Tensor, Tensor]:
-    """Three independent random 32-bit words (as int64) for each of ``numel`` elements.
+def philox_bits(
+    stream: PhiloxStream, numel: int, device: Union[str, torch.device], lanes: tuple[int, ...] = (0, 1, 2)
+) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """16-bit uniform noise (int64 in [0, 2^16)) for ``numel`` elements, for each write that rounds:
+    lane 0 the parameter, 1 square_avg, 2 acc_delta; only the ``lanes`` asked for are drawn (None else).
 
-    Element ``i`` uses counter ``(stream.offset + i)`` split in two 32-bit words; lanes 0, 1 and 2
-    of its Philox output go to the parameter, square_avg and acc_delta writes (as in the kernel).
+    Element ``i`` is number ``e = stream.offset + i`` of its flat state. One Philox-4x32-10 call
+    serves eight elements: lane ``q`` of element ``e`` is half ``e % 2`` (low 16 bits, then high) of
+    word ``(e % 8) // 2`` of the call with counter ``(e // 8 mod 2^32, e // 8 >> 32, q, 0)``, exactly
+    as the kernel's ``_noise`` draws it.
     """
     key0 = stream.key0.to(device=device, dtype=torch.int64) if isinstance(stream.key0, Tensor) else stream.key0
-    out = torch.empty((3, numel), dtype=torch.int64, device=device)
+    out: list[Optional[Tensor]] = [None, None, None]
+    if numel == 0:
+        return tuple(torch.zeros(0, dtype=torch.int64, device=device) if q in lanes else None for q in range(3))
+    first, last = stream.offset // 8, (stream.offset + numel - 1) // 8
+    skip = stream.offset - 8 * first
     # Philox is ~250 elementwise int64 passes: in chunks that stay in the CPU's cache it runs ~5x faster.
-    chunk = _PHILOX_CHUNK if torch.device(device).type == "cpu" else max(numel, 1)
-    for start in range(0, numel, chunk):
-        stop = min(start + chunk, numel)
-        ridx = torch.arange(stream.offset + start, stream.offset + stop, dtype=torch.int64, device=device)
-        zero = torch.zeros_like(ridx)
-        r0, r1, r2, _ = philox4x32(key0, stream.key1, ridx & _U32, ridx >> 32, zero, zero)
-        out[0, start:stop], out[1, start:stop], out[2, start:stop] = r0, r1, r2
+    chunk = _PHILOX_CHUNK // 8 if torch.device(device).type == "cpu" else last - first + 1
+    for q in lanes:
+        parts = []
+        for start in range(first, last + 1, chunk):
+            calls = torch.arange(start, min(start + chunk, last + 1), dtype=torch.int64, device=device)
+            words = torch.stack(philox4x32(key0, stream.key1, calls & _U32, calls >> 32,
+                                           torch.full_like(calls, q), torch.zeros_like(calls)), 1)
+            parts.append(torch.stack((words & 0xFFFF, words >> 16), 2).reshape(-1))  # element order
+        out[q] = torch.cat(parts)[skip: skip + numel]
     return out[0], out[1], out[2]
 
 
@@ -126,22 +137,24 @@ def round_stochastic(
 
     With ``lo <= |x| < hi`` the two neighbouring values of ``dtype``, ``|x|`` becomes ``hi`` with
     probability ``(|x| - lo) / (hi - lo)`` and ``lo`` otherwise, so ``E[round(x)] = x``.
-    ``bits`` holds one uniform unsigned 32-bit word per element (int64; e.g. from :func:`philox_bits`),
-    drawn from ``generator`` when None.
+    ``bits`` holds one uniform 16-bit value per element (int64; e.g. from :func:`philox_bits`; only
+    its low 16 bits are used), drawn from ``generator`` when None.
 
-    bfloat16: the low 16 bits of the word are added to the float32 bit pattern, then the low 16
-    bits are cleared. float16: the top 24 bits of the word give ``u`` in [0, 1) and ``|x|`` rounds
-    up when ``u < frac``, ``frac`` being its position between the neighbours in float16 ulps (exact
-    in float32; in the float16 subnormal range ``frac`` may need more than 24 bits, a bias below
-    2^-24 ulp). NaN stays NaN and +-Inf stay as they are; a finite value is never rounded up into
-    Inf (it saturates at the largest finite value), but float16 overflow (|x| >= 65536, outside every
-    float16 binade) is +-Inf as in a plain cast. Signed zeros keep their sign. Other dtypes: a plain cast.
+    bfloat16: the 16 bits are added to the float32 bit pattern, then the low 16 bits are cleared.
+    float16: ``u = (bits + 1/2) / 2^16`` and ``|x|`` rounds up when ``u < frac``, ``frac`` being its
+    position between the neighbours in float16 ulps (exact in float32; a multiple of 2^-13 in the
+    normal range, so the odds are exact there; in the float16 subnormal range ``frac`` may need more
+    than 16 bits: a bias below 2^-17 ulp). NaN stays NaN and +-Inf stay as they are; a finite value
+    is never rounded up into Inf (it saturates at the largest finite value), but float16 overflow
+    (|x| >= 65536, outside every float16 binade) is +-Inf as in a plain cast. Signed zeros keep
+    their sign. Other dtypes: a plain cast.
     """
     if dtype not in (torch.bfloat16, torch.float16):
         return x.to(dtype)
     x = x.to(torch.float32)
     if bits is None:
-        bits = torch.randint(0, 1 << 32, x.shape, dtype=torch.int64, device=x.device, generator=generator)
+        bits = torch.randint(0, 1 << 16, x.shape, dtype=torch.int64, device=x.device, generator=generator)
+    bits = bits & 0xFFFF
     xb = x.view(torch.int32).to(torch.int64) & _U32
     sign = xb & 0x80000000
     finite = x.isfinite()
@@ -157,7 +170,7 @@ def round_stochastic(
         ulp = (ulp_exp << 23).view(torch.float32)
         scaled = a * ((254 - ulp_exp) << 23).view(torch.float32)  # |x| / ulp, exact
         whole = scaled.floor()
-        u = (bits >> 8).to(torch.float32) * 2.0**-24
+        u = (bits * 2 + 1).to(torch.float32) * 2.0**-17  # the middle of the draw's 2^-16 step
         mag = torch.where(u < scaled - whole, whole + 1, whole) * ulp
         mag = torch.where(a >= 65536.0, float("inf"), mag.clamp(max=_FP16_MAX))
         out = _float_from_u32((mag.view(torch.int32).to(torch.int64) & _U32) | sign)
@@ -263,7 +276,9 @@ def adadelta_update_(
     exact = master is not None or remainder is not None
     rounds = (p.dtype in sixteen and not exact) or v_store.dtype in sixteen or u_store.dtype in sixteen
     if stochastic_rounding and rng is not None and rounds:
-        lanes = philox_bits(rng, p.numel(), p.device)
+        # Only the writes that round draw (as in the kernel): the parameter without master weights, 16-bit state.
+        drawn = tuple(q for q, t in enumerate((p, v_store, u_store)) if t.dtype in sixteen and not (q == 0 and exact))
+        lanes = philox_bits(rng, p.numel(), p.device, drawn)
 
     def store(dst: Tensor, value: Tensor, lane: int) -> None:
         if stochastic_rounding and dst.dtype in (torch.bfloat16, torch.float16):

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import _triton, cpu_fused
+from .backends import tables
 from .backends.triton import LaunchPlan
 from .shards import PLAIN, local
 from .state import StateKey, real_dtype
@@ -34,7 +35,7 @@ __all__ = ["KERNEL", "CPU", "TORCH", "Member", "BucketKey", "Bucket", "Route", "
 
 KERNEL, CPU, TORCH = "kernel", "cpu", "torch"
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # of parameters and state
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # of parameters and state
 _SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 _STRIDED = torch.strided
 
@@ -223,7 +224,7 @@ def kernel_takes(group: dict[str, Any], p: Tensor, g: Tensor) -> bool:
     if group["fused"] is False or group["differentiable"]:
         return False
     real = real_dtype(p)
-    if real not in _KERNEL_DTYPES or g.dtype not in (p.dtype, torch.float32):
+    if real not in KERNEL_DTYPES or g.dtype not in (p.dtype, torch.float32):
         return False
     is_complex = real is not p.dtype
     if is_complex and g.dtype != p.dtype:
@@ -231,7 +232,7 @@ def kernel_takes(group: dict[str, Any], p: Tensor, g: Tensor) -> bool:
     # The state dtype (state_key's rule without building the key): the group's, or the real dtype
     # of a complex parameter or when the group follows the parameter (both kernel dtypes here).
     sdt = group["state_dtype"]
-    if not (sdt is None or is_complex or sdt in _KERNEL_DTYPES):
+    if not (sdt is None or is_complex or sdt in KERNEL_DTYPES):
         return False
     # A lazily negated tensor (is_neg(): its memory holds -value) is read right by torch's ops only.
     return p.is_contiguous() and g.is_contiguous() and g.device == p.device and not (p.is_neg() or g.is_neg())
@@ -249,7 +250,7 @@ def path_of(group: dict[str, Any], p: Tensor, g: Tensor, state: dict[str, Any], 
     return TORCH
 
 
-def _has_16bit_write(key: StateKey) -> bool:
+def has_16bit_write(key: StateKey) -> bool:
     """Does an update of this flat state round anything to 16 bits (a parameter without master, or state)?"""
     return (key.param_dtype in _SIXTEEN_BIT and not key.master) or key.state_dtype in _SIXTEEN_BIT
 
@@ -257,10 +258,7 @@ def _has_16bit_write(key: StateKey) -> bool:
 def bucket_key(group: dict[str, Any], key: StateKey, g: Tensor) -> BucketKey:
     """The launch a kernel member joins. Groups share a launch; only the stochastic-rounding switch (a
     compile-time branch) splits one, and it is off where there is no 16-bit write to round."""
-    return BucketKey(key, real_dtype(local(g)), bool(group["stochastic_rounding"]) and _has_16bit_write(key))
-
-
-BLOCK = 2048  # elements per program of the update kernel
+    return BucketKey(key, real_dtype(local(g)), bool(group["stochastic_rounding"]) and has_16bit_write(key))
 
 
 def build(param_groups: list[dict[str, Any]], store: Any, plans: dict, sig: Optional[list]) -> Route:
@@ -293,7 +291,8 @@ def build(param_groups: list[dict[str, Any]], store: Any, plans: dict, sig: Opti
         plan = plans.get(plan_key)
         if plan is None:
             vec = 16 // min(bkey.state.param_dtype.itemsize, bkey.grad_dtype.itemsize)  # elements in 128 bits
-            plan = plans[plan_key] = LaunchPlan(store.flats[bkey.state], params, groups, BLOCK, vec)
+            with tables.device_guard(bkey.state.device):  # its tables go up on that device's current stream
+                plan = plans[plan_key] = LaunchPlan(store.flats[bkey.state], params, groups, vec)
         plain = all(type(p) in PLAIN and type(p.grad) in PLAIN and not p.is_complex() for p in params)
         buckets.append(Bucket(bkey, idx, plan, plain, params, idx == list(range(len(members)))))
     launches: list[Optional[BucketKey]] = [None] * len(members)

@@ -128,7 +128,8 @@ class StateDict(_Counted, defaultdict):
 
     A step compares ``version`` with the one its cached route saw, so that ``opt.state[p] = {}``,
     ``opt.state[p].clear()`` or a replaced ``opt.state[p]["square_avg"]`` are noticed without looking
-    at every parameter's state each step (what torch's optimizers do).
+    at every parameter's state each step (what torch's optimizers do). A tensor key's value must be a
+    dict (a parameter's state); any other key takes any value, kept as it is (torch's rule).
     """
 
     def __init__(self, *args: Any) -> None:
@@ -143,12 +144,17 @@ class StateDict(_Counted, defaultdict):
     def __reduce__(self):  # pickle and deepcopy: the same class, entries re-adopted on load
         return (type(self), (), None, None, iter(self.items()))
 
-    def __missing__(self, key: Any) -> StateEntry:
-        entry = StateEntry(self)
+    def __missing__(self, key: Any) -> dict:
+        entry = StateEntry(self) if isinstance(key, Tensor) else {}
         self[key] = entry
         return entry
 
     def __setitem__(self, key: Any, value: Any) -> None:
+        if not isinstance(key, Tensor):
+            # Not a parameter's state (torch's state_dict hooks and users keep flags so): any value, kept
+            # as it is, as in torch. Setting it still counts as a change (harmless: one re-routed step).
+            super().__setitem__(key, value)
+            return
         if not isinstance(value, dict):
             raise TypeError(f"the state of a parameter must be a dict, got {type(value).__name__}")
         if isinstance(value, StateEntry) and value.owner is None:
@@ -352,19 +358,32 @@ def _replacement(where: str, name: str, value: Any, view: Tensor) -> Tensor:
 GroupParams = list[tuple[dict, list[Tensor]]]  # (group, its parameters that take part)
 
 
+def _plain_state(group: dict[str, Any], p: Tensor, state_dtype: torch.dtype) -> dict[str, Tensor]:
+    """A new parameter's state as ordinary tensors (differentiable=True), laid out as torch.optim.Adadelta's:
+    a float32 0-d step (on the CPU unless capturable) and zero square_avg/acc_delta like ``p``, of the
+    state dtype (the parameter's own for complex parameters)."""
+    dtype = p.dtype if p.is_complex() else state_dtype
+    return {"step": torch.zeros((), dtype=torch.float32, device=p.device if group["capturable"] else "cpu"),
+            "square_avg": torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format),
+            "acc_delta": torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)}
+
+
 class StateStore:
     """``optimizer.state`` and its flat states: every change of the state's layout goes through here.
 
     ``state``: the :class:`StateDict` torch's contract exposes; ``flats``: the flat states by key;
     ``master_from_param``: parameters whose master weights are still to be taken from the parameter
     (after loading a state_dict without ours); ``generation``: grows whenever buffers are reallocated.
+    ``differentiable``: the state is ordinary tensors instead (autograd tracks the update through it
+    across steps, as in torch), and no flat state is made.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, differentiable: bool = False) -> None:
         self.state = StateDict()
         self.flats: dict[StateKey, FlatState] = {}
         self.master_from_param: list[Tensor] = []
         self.generation = 0
+        self.differentiable = differentiable
 
     def flat_of(self, p: Tensor) -> Optional[FlatState]:
         for flat in self.flats.values():
@@ -402,8 +421,14 @@ class StateStore:
         none (``opt.state[p] = {...}`` before its first step, see :meth:`_adopt_replaced`): such a
         parameter gets a segment holding them.
         """
-        self._new_segments([(group, p) for group, params in group_params for p in params
-                            if len(self.state.get(p, {})) == 0])
+        missing = [(group, p) for group, params in group_params for p in params if len(self.state.get(p, {})) == 0]
+        if self.differentiable:
+            # Autograd tracks the update through the state across steps: the state is ordinary tensors, as
+            # torch's (views made here, under no_grad, must not be written in place with grad mode on).
+            for group, p in missing:
+                self.state[p] = _plain_state(group, p, state_key(group, local(p)).state_dtype)
+            return  # (a differentiable optimizer keeps the state a user gives as it is: nothing ``given``)
+        self._new_segments(missing)
         pairs = [(group, p) for group, params in group_params for p in params if id(p) in (given or {})]
         if not pairs:
             return
@@ -432,10 +457,12 @@ class StateStore:
                 if not st:
                     continue
                 flat = self.flat_of(p)
-                if flat is None:  # state given before the first step
+                if flat is None:  # state given before the first step, or a differentiable optimizer's state
                     if p.grad is not None:
-                        given[id(p)] = {name: _replacement(f"parameter {pi} of group {gi}", name, value, p)
-                                        for name, value in st.items() if name in FLAT_NAMES}
+                        checked = {name: _replacement(f"parameter {pi} of group {gi}", name, value, p)
+                                   for name, value in st.items() if name in FLAT_NAMES}
+                        if not self.differentiable:  # (there the tensors stay, autograd tracks them)
+                            given[id(p)] = checked
                     continue
                 replaced = flat.replaced(p, st)
                 if replaced:
@@ -528,8 +555,11 @@ class StateStore:
 
     # ------------------------------------------------------------------------- loading
     @torch.no_grad()
-    def load(self, loaded: list[tuple[dict, Tensor, dict[str, Any]]]) -> None:
+    def load(self, loaded: list[tuple[dict, Tensor, dict[str, Any]]], order: Optional[list[Any]] = None) -> None:
         """Replace everything with the saved state ``(group, p, saved entry)``, in the saved order.
+
+        ``order``: the new state dict's keys in order, each a parameter of ``loaded`` or, for a key that is
+        no parameter's (a user's flag, kept as it is, as in torch), a ``(key, value)`` pair.
 
         One parameter at a time in the saved order: state_dict() lists state in the order it was
         created, so the flat layout (and with it the stochastic-rounding streams, which follow the flat
@@ -540,7 +570,9 @@ class StateStore:
         self.generation += 1
         self.ensure([(group, [p]) for group, p, _ in loaded])
         # ... and the state dict in the saved order too, so the next state_dict() lists it the same way.
-        self.state = StateDict([(p, self.state[p]) for _, p, _ in loaded])
+        if order is None:
+            order = [p for _, p, _ in loaded]
+        self.state = StateDict([item if isinstance(item, tuple) else (item, self.state[item]) for item in order])
         for _, p, saved in loaded:
             st = self.state[p]
             master = saved.get("master")
@@ -573,11 +605,29 @@ class StateStore:
         self.state, self.flats, self.master_from_param = snapshot
         self.generation += 1
 
-    def saved_entries(self, sd_state: dict[int, dict], index: dict[int, int]) -> None:
-        """Leave out of a state_dict's entries (by parameter index) the masters still due from their
-        parameter: not a value yet, they are taken from the parameter after this dict's load too."""
-        for p in self.master_from_param:
-            sd_state.get(index.get(id(p)), {}).pop("master", None)
+    def complete_state_dict(self, sd: dict[str, Any], param_groups: list[dict[str, Any]]) -> None:
+        """Make torch's ``state_dict()["state"]`` safe to keep and to save: per-parameter dicts copied
+        (tensors shared, as in torch), complex and sharded state copied, masters still due left out."""
+        # torch hands out its live per-parameter dicts: editing the result would edit the optimizer.
+        # Values under other keys (a user's flags: StateDict keeps them as they are) are handed out as
+        # they are, as torch does.
+        sd["state"] = {k: dict(v) if isinstance(v, StateEntry) else v for k, v in sd["state"].items()}
+        for entry in sd["state"].values():
+            if not isinstance(entry, dict):
+                continue
+            for name, value in entry.items():
+                # Complex state is a complex view of a real flat buffer that real parameters share;
+                # torch.save refuses one storage seen as two dtypes, so such entries are copied. A
+                # DTensor over a view at an offset into a buffer cannot be pickled or deep-copied at all
+                # (torch 2.11-2.13: "invalid python storage"), so sharded state is copied too.
+                if isinstance(value, Tensor) and (is_dtensor(value) or value.is_complex()):
+                    entry[name] = value.clone()
+        if self.master_from_param:
+            # A master still due to be taken from its parameter (after a torch.optim state_dict) is not a
+            # value yet: saved without it, it is taken from the parameter after this dict's load too.
+            index = {id(p): i for i, p in enumerate(p for g in param_groups for p in g["params"])}
+            for p in self.master_from_param:
+                sd["state"].get(index.get(id(p)), {}).pop("master", None)
 
     # ------------------------------------------------------------------------- pickling
     def pickled(self) -> dict[str, Any]:
@@ -591,6 +641,9 @@ class StateStore:
         """
         entries, bound = {}, []
         for p, st in self.state.items():
+            if not isinstance(p, Tensor):  # not a parameter's state (a user's flag): travels as it is
+                entries[p] = st
+                continue
             flat = self.flat_of(p)
             if flat is None or not st:
                 entries[p] = dict(st)
@@ -602,9 +655,9 @@ class StateStore:
                 "_master_from_param": list(self.master_from_param)}
 
     @classmethod
-    def from_pickle(cls, attrs: dict[str, Any]) -> StateStore:
+    def from_pickle(cls, attrs: dict[str, Any], differentiable: bool = False) -> StateStore:
         """The store from :meth:`pickled`'s attributes (popped from ``attrs``), or an older version's."""
-        store = cls()
+        store = cls(differentiable)
         state = attrs.pop("state", None) or {}
         store.state = state if isinstance(state, StateDict) else StateDict(state)
         store.flats = attrs.pop("_flats", None) or {}

@@ -225,8 +225,26 @@ def check_param_group(
                     f"(parameter {seen[id(p)]} of the new group is already in group {gi})"
                 )
     if merged.get("fused"):
-        for p in tensors:
-            why = device_ok(p.device)
+        # Parameters on the meta device (a model built there, to_empty() later) are accepted, as by torch's
+        # fused optimizers: check_fused_devices checks the device when a step is routed.
+        check_fused_devices([{"fused": True, "params": [p for p in tensors if p.device.type != "meta"]}], device_ok,
+                            with_grad_only=False)
+
+
+def check_fused_devices(param_groups: list[dict[str, Any]], device_ok: Callable[[torch.device], Optional[str]],
+                        with_grad_only: bool = True) -> None:
+    """``fused=True``: every parameter (with a gradient, unless ``with_grad_only`` is False) is on a device a
+    fused path runs on (``device_ok`` returns None, or the reason it cannot); a RuntimeError names the device."""
+    reasons: dict[torch.device, Optional[str]] = {}  # asked once per device
+    for group in param_groups:
+        if not group.get("fused"):
+            continue
+        for p in group["params"]:
+            if with_grad_only and p.grad is None:
+                continue
+            if p.device not in reasons:
+                reasons[p.device] = device_ok(p.device)
+            why = reasons[p.device]
             if why is not None:
                 raise RuntimeError(
                     f"`fused=True` requires CUDA tensors or CPU tensors with the fused CPU path; "
@@ -442,7 +460,8 @@ def check_state_dict(
 
     Contract: a mapping with ``state`` and ``param_groups`` (and at most the keys of
     :data:`STATE_DICT_EXTRA_KEYS` besides); as many groups as the optimizer, of the same sizes, each
-    saved index once; merged hyperparameters and options valid; state only for saved indices; each
+    saved index once; merged hyperparameters and options valid; parameter state only for saved indices
+    (other keys hold anything but a parameter's state: torch keeps them as they are); each
     state entry empty or holding every required name of ``state_names(group, p)`` (required, allowed)
     and no other: ``step`` a non-negative whole number, the others tensors of the parameter's shape
     and a floating dtype (complex for a complex parameter). The merged groups are the optimizer's
@@ -478,7 +497,7 @@ def check_state_dict(
         check_master_dtypes(f"group {gi}", merged, g["params"])
         if merged.get("fused"):
             for p in g["params"]:
-                why = device_ok(p.device)
+                why = None if p.device.type == "meta" else device_ok(p.device)  # meta: checked by a step
                 if why is not None:
                     raise RuntimeError(f"loaded state dict sets `fused=True` for group {gi}, but a parameter is on "
                                        f"{p.device}: {why}")
@@ -497,7 +516,11 @@ def check_state_dict(
         raise TypeError("loaded state dict's 'state' must be a dict")
     for k, entry in saved_state.items():
         if k not in id_map:
-            raise ValueError(f"loaded state dict has state for an unknown parameter index {k}")
+            # torch keeps any key that is no parameter's index as it is (a user's or a hook's flag), and so
+            # do we; but a parameter's state there means a checkpoint that does not fit these groups.
+            if isinstance(entry, Mapping) and any(name in entry for name in ("step", "square_avg", "acc_delta")):
+                raise ValueError(f"loaded state dict has state for an unknown parameter index {k}")
+            continue
         if not isinstance(entry, Mapping):
             raise TypeError(f"loaded state dict: the state of parameter {k} must be a dict, got {type(entry).__name__}")
         if not entry:

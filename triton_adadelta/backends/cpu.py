@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -24,11 +24,20 @@ __all__ = ["CpuPlan"]
 _CPU = torch.device("cpu")
 
 
+class CpuCall(NamedTuple):
+    """One C call: the function of a dtype combination, its members, their table and its numpy view."""
+
+    fn: Any
+    members: list[int]
+    table: Tensor  # int64 [T, 7]: p, g, square_avg, acc_delta, numel, hyperparameter row, step
+    view: Any  # numpy view of ``table``: the addresses are rewritten through it each step
+
+
 class CpuPlan:
     """The C calls for ``indices`` (members of the step, route.Member) with state entries in ``state``."""
 
     def __init__(self, members: Sequence[Any], indices: Sequence[int], state: Mapping[Tensor, dict]) -> None:
-        self.calls: list[tuple[Any, list[int], Tensor, Any]] = []  # (C function, member indices, table, numpy view)
+        self.calls: list[CpuCall] = []
         chosen: dict[tuple, list] = defaultdict(list)
         total = 0
         for i in indices:
@@ -55,8 +64,8 @@ class CpuPlan:
                 [[0, 0, v.data_ptr(), u.data_ptr(), p.numel(), r, s.data_ptr()] for _, (p, _, v, u), r, s in items],
                 dtype=torch.int64,
             )
-            self.calls.append((fn, [it[0] for it in items], table, table.numpy()))
-        taken = {i for _, idx, _, _ in self.calls for i in idx}
+            self.calls.append(CpuCall(fn, [it[0] for it in items], table, table.numpy()))
+        taken = {i for call in self.calls for i in call.members}
         self.rest = [i for i in self.rest if i not in taken]
 
     def run(self, members: Sequence[Any], grads: Sequence[Tensor], hyper: Tensor,

@@ -16,11 +16,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCK", "NUM_WARPS", "ChunkTable", "PointerTable", "chunk_table", "current_stream", "device_guard",
+__all__ = ["UPDATE_BLOCK", "UPDATE_BLOCK_UNALIGNED", "NORM_BLOCK", "NUM_WARPS", "ChunkTable", "PointerTable",
+           "chunk_table", "current_stream", "device_guard",
            "record_use", "upload", "upload_into", "refuse_during_capture"]
 
-#: Elements per block and warps per program of both kernels (the update and the norms).
-BLOCK = 2048
+#: The launch constants of both kernels, in one place. The update: elements a program; 8 a thread with
+#: 4 warps keeps every variant within 128 registers (issue 14, bench/codegen.py); the unaligned
+#: specialisation's scalar accesses take more registers, so 4 there. The norms: a block of their chunks.
+UPDATE_BLOCK = 1024
+UPDATE_BLOCK_UNALIGNED = 512
+NORM_BLOCK = 2048
 NUM_WARPS = 4
 
 
@@ -101,14 +106,17 @@ class ChunkTable(NamedTuple):
     counts: Tensor  # int64 [T] on the host: programs per tensor
 
 
-def chunk_table(numels: Sequence[int], chunk: int, device: torch.device) -> ChunkTable:
+def chunk_table(numels: Sequence[int], chunk: int, device: torch.device,
+                tensors: Optional[Sequence[int]] = None) -> ChunkTable:
     """One program per ``chunk`` elements of each tensor, and at least one per tensor, so that empty
-    tensors need no special case: ``counts[t] = max(1, ceil(numels[t] / chunk))``."""
+    tensors need no special case: ``counts[t] = max(1, ceil(numels[t] / chunk))``. ``tensors``: the
+    number each tensor has in the launch's tables (default ``0..T-1``), when a launch takes a subset."""
     counts = torch.tensor([max(1, -(-n // chunk)) for n in numels], dtype=torch.int64)
     first = torch.cumsum(counts, 0) - counts
-    tensor_of_chunk = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), counts)
+    local_of_chunk = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), counts)
     num_chunks = int(counts.sum())
-    block_of_chunk = torch.arange(num_chunks, dtype=torch.int64) - first[tensor_of_chunk]
+    block_of_chunk = torch.arange(num_chunks, dtype=torch.int64) - first[local_of_chunk]
+    tensor_of_chunk = local_of_chunk if tensors is None else torch.tensor(tensors, dtype=torch.int64)[local_of_chunk]
     return ChunkTable(num_chunks, upload(tensor_of_chunk.to(torch.int32), device),
                       upload(block_of_chunk.to(torch.int32), device), first, counts)
 
@@ -116,11 +124,12 @@ def chunk_table(numels: Sequence[int], chunk: int, device: torch.device) -> Chun
 class PointerTable:
     """int64 ``[(k + 1) * T]`` on the device: k columns of T addresses, then per tensor 1 when all its
     addresses are 16-byte aligned and ``fits[t]`` (its numel a multiple of the vector width), else 0:
-    only then may a kernel promise 128-bit accesses. Uploaded again only when an address changed."""
+    only then may a kernel promise 128-bit accesses (``fits=None``: the addresses only, for a kernel
+    specialised by alignment instead). Uploaded again only when an address changed."""
 
-    def __init__(self, device: torch.device, fits: Sequence[bool]) -> None:
+    def __init__(self, device: torch.device, fits: Optional[Sequence[bool]]) -> None:
         self.device = device
-        self.fits = np.array(fits, dtype=bool)
+        self.fits = None if fits is None else np.array(fits, dtype=bool)
         self._addresses: Optional[list[int]] = None
         self.table: Optional[Tensor] = None
 
@@ -132,8 +141,10 @@ class PointerTable:
             # numpy: the addresses converted and tested at C speed (torch.tensor of a list converts int by
             # int, and a Python test costs an operation per address).
             addresses = np.fromiter(ptrs, dtype=np.int64, count=len(ptrs))
-            columns = addresses.reshape(1 if second is None else 2, -1)
-            aligned = (np.bitwise_or.reduce(columns, axis=0) & 15 == 0) & self.fits
-            self.table = upload(torch.from_numpy(np.concatenate((addresses, aligned))), self.device)
+            if self.fits is not None:
+                columns = addresses.reshape(1 if second is None else 2, -1)
+                aligned = (np.bitwise_or.reduce(columns, axis=0) & 15 == 0) & self.fits
+                addresses = np.concatenate((addresses, aligned.astype(np.int64)))
+            self.table = upload(torch.from_numpy(addresses), self.device)
             self._addresses = ptrs
         return self.table

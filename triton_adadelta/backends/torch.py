@@ -93,13 +93,40 @@ def run(members: Sequence[Any], grads: Sequence[Tensor], indices: Sequence[int],
         step.add_((~skip).to(step.dtype))
 
 
+def _differentiable_update_(p: Tensor, g: Tensor, square_avg: Tensor, acc_delta: Tensor, step: Tensor, *,
+                            lr: Union[float, Tensor], rho: float, eps: float, weight_decay: float,
+                            maximize: bool) -> None:
+    """One Adadelta step as torch's ``_single_tensor_adadelta(differentiable=True)`` computes it, operation
+    for operation (the same values and autograd graph), in place, with autograd on.
+
+    One difference: an ``lr`` tensor that requires grad (learning the learning rate) multiplies the update,
+    ``p -= delta * lr``, so that autograd tracks it; torch's ``add_(delta, alpha=-lr)`` refuses one
+    ("argument 'alpha' must be Number, not Tensor").
+    """
+    step += 1
+    g = -g if maximize else g
+    if weight_decay != 0:
+        g = g.add(p, alpha=weight_decay)
+    if p.is_complex():
+        square_avg, acc_delta, g = torch.view_as_real(square_avg), torch.view_as_real(acc_delta), torch.view_as_real(g)
+    square_avg.mul_(rho).addcmul_(g, g, value=1 - rho)
+    std = square_avg.add(eps).sqrt_()
+    delta = acc_delta.add(eps).sqrt_().clone()
+    delta.div_(std).mul_(g)
+    acc_delta.mul_(rho).addcmul_(delta, delta, value=1 - rho)
+    if p.is_complex():
+        delta = torch.view_as_complex(delta)
+    if isinstance(lr, Tensor) and lr.requires_grad:
+        p.sub_(delta * lr)
+    else:
+        p.add_(delta, alpha=-lr)
+
+
 def run_differentiable(members: Sequence[Any], grads: Sequence[Tensor], state: Any,
                        lrs: Sequence[Union[float, Tensor]], coefs: Optional[GradientTransform],
                        grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-    """differentiable=True: torch's own functional Adadelta, so autograd sees every operation. A flagged
+    """differentiable=True: torch's single-tensor Adadelta, so autograd sees every operation. A flagged
     step (``found_inf``) keeps the old values, selected on the device."""
-    from torch.optim.adadelta import adadelta
-
     for i, (_, group, p) in enumerate(members):
         st = state[p]
         g = grads[i]
@@ -108,10 +135,9 @@ def run_differentiable(members: Sequence[Any], grads: Sequence[Tensor], state: A
         g = g if coefs is None else coefs.apply(g, i)
         targets = [p, st["square_avg"], st["acc_delta"], st["step"]]
         old = [t.clone() for t in targets] if found_inf is not None else None
-        adadelta([p], [g], [st["square_avg"]], [st["acc_delta"]], [st["step"]],
-                 lr=lrs[members[i].group_index], rho=group["rho"], eps=group["eps"],
-                 weight_decay=group["weight_decay"], maximize=group["maximize"],
-                 foreach=False, differentiable=True, capturable=False)
+        _differentiable_update_(p, g, st["square_avg"], st["acc_delta"], st["step"], lr=lrs[members[i].group_index],
+                                rho=group["rho"], eps=group["eps"], weight_decay=group["weight_decay"],
+                                maximize=group["maximize"])
         if old is not None:
             skip = found_inf.to(p.device, non_blocking=True).reshape(()) != 0
             for t, o in zip(targets, old):

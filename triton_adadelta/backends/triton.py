@@ -1,16 +1,18 @@
-"""The Triton backend: one launch of kernels/adadelta.py per bucket of the route.
+"""The Triton backend: one launch of kernels/adadelta.py per bucket of the route (two when it mixes
+aligned and unaligned tensors).
 
-A :class:`LaunchPlan` is what one launch needs for a set of tensors of one flat state: the
-per-tensor table (state offset, numel, step slot, group) and the chunk table (tensor, block). It is
-built once and cached; only the pointer table (parameter and gradient addresses, alignment) is
-refreshed, and only when an address changes. Every launch runs on its tensors' device and that
-device's current stream (:func:`.tables.device_guard`).
+A :class:`LaunchPlan` is what the launches of a bucket need for a set of tensors of one flat state:
+the per-tensor table (state offset, numel, step slot, group) and a chunk table (tensor, block) per
+launch: one for the aligned tensors, one for the others (the two specialisations of the kernel). It
+is built once and cached; only the pointer table (parameter and gradient addresses) is refreshed, and
+only when an address changes (the chunk tables when that moves a tensor to the other kind). Every
+launch runs on its tensors' device and that device's current stream (:func:`.tables.device_guard`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -23,7 +25,7 @@ from ..shards import local
 from ..state import FlatState
 from . import tables
 
-__all__ = ["LaunchPlan", "run"]
+__all__ = ["Launch", "LaunchPlan", "is_aligned", "run"]
 
 
 _data_ptr = Tensor.data_ptr
@@ -38,44 +40,82 @@ def _triton_dtype(dtype: torch.dtype) -> Any:
     return _TRITON_DTYPES[dtype]
 
 
-class LaunchPlan:
-    """Tables for one launch over ``params`` (all from ``flat``), cached between steps."""
+def is_aligned(param_address: int, grad_address: int, numel: int, vec: int) -> bool:
+    """May the kernel promise 128-bit accesses on this tensor? Both addresses 16-byte aligned and
+    ``numel`` a multiple of ``vec`` (elements in 16 bytes of the narrower dtype): only then does no
+    vector of a block's tail reach past the tensor."""
+    return (param_address | grad_address) % 16 == 0 and numel % vec == 0
 
-    def __init__(self, flat: FlatState, params: list[Tensor], groups: list[int], block: int, vec: int) -> None:
+
+class Launch(NamedTuple):
+    """The programs of one launch: a (tensor, block) pair for each, for tensors of one alignment kind.
+
+    ``aligned`` is the kernel's ALIGNED specialisation; ``block`` its BLOCK (elements a program)."""
+
+    aligned: bool
+    block: int
+    chunk_tensor: Tensor  # int32 [num_chunks]
+    chunk_block: Tensor  # int32 [num_chunks]
+    num_chunks: int
+
+
+class LaunchPlan:
+    """Tables for the launches over ``params`` (all from ``flat``), cached between steps.
+
+    Aligned tensors (:func:`is_aligned`) and the others go to two specialisations of the kernel, so
+    the common, aligned launch never carries the scalar path: :attr:`launches` holds one chunk table
+    when every tensor is of one kind (one launch), two when the bucket mixes them.
+    """
+
+    def __init__(self, flat: FlatState, params: list[Tensor], groups: list[int], vec: int,
+                 block: int = tables.UPDATE_BLOCK, unaligned_block: int = tables.UPDATE_BLOCK_UNALIGNED) -> None:
         device = flat.key.device
         self.flat = flat
-        self.block = block
+        self.blocks = {True: block, False: unaligned_block}
         self.vec = vec  # elements in 128 bits for this bucket's narrower dtype (parameter or gradient)
         self.num_tensors = len(params)
-        numels = [real_view(local(p)).numel() for p in params]
+        self._numels = [real_view(local(p)).numel() for p in params]
         slots = [flat.index[id(p)] for p in params]
         meta = torch.tensor(
-            [[flat.offsets[s], n, s, g] for s, n, g in zip(slots, numels, groups)], dtype=torch.int64
+            [[flat.offsets[s], n, s, g] for s, n, g in zip(slots, self._numels, groups)], dtype=torch.int64
         ).reshape(-1, 4)
         self.tensor_meta = tables.upload(meta, device)
-        chunks = tables.chunk_table(numels, block, device)
-        self.num_chunks = chunks.num_chunks
-        self.chunk_tensor, self.chunk_block = chunks.chunk_tensor, chunks.chunk_block
         self.step_slots = tables.upload(torch.tensor(slots, dtype=torch.int64), device)
         self._ones = torch.ones(len(slots), dtype=torch.float32, device=device)  # made once, not every step
         self.all_slots = slots == list(range(len(flat.params)))
-        self.pointers = tables.PointerTable(device, [n % vec == 0 for n in numels])
+        self.pointers = tables.PointerTable(device, None)  # the kernel is specialised by alignment instead
+        self._aligned: Optional[list[bool]] = None
+        self.launches: list[Launch] = []  # set by refresh_pointers, which knows the addresses
         self.streams: set = set()  # streams its tables were used on (tables.record_use)
 
     @property
     def pointer_table(self) -> Optional[Tensor]:
         return self.pointers.table
 
-    def refresh_pointers(self, params: list[Tensor], grads: list[Tensor]) -> Tensor:
-        """The pointer table for this step (real views of local tensors), uploaded only when an address changed.
+    def _launch(self, aligned: bool, tensors: list[int]) -> Launch:
+        block = self.blocks[aligned]
+        chunks = tables.chunk_table([self._numels[t] for t in tensors], block, self.flat.key.device, tensors)
+        return Launch(aligned, block, chunks.chunk_tensor, chunks.chunk_block, chunks.num_chunks)
 
-        A tensor is marked aligned only when both addresses are 16-byte aligned and its numel is a
-        multiple of ``vec``: only then may the kernel promise 128-bit accesses.
-        """
-        return self.pointers.refresh(list(map(_data_ptr, params)), list(map(_data_ptr, grads)))
+    def refresh_pointers(self, params: list[Tensor], grads: list[Tensor]) -> Tensor:
+        """The pointer table for this step (real views of local tensors), uploaded only when an address
+        changed; the chunk tables are rebuilt when that changes which tensors are aligned."""
+        pp = list(map(_data_ptr, params))
+        gp = list(map(_data_ptr, grads))
+        previous = self.pointers.table
+        table = self.pointers.refresh(pp, gp)
+        if table is not previous:
+            aligned = [is_aligned(a, b, n, self.vec) for a, b, n in zip(pp, gp, self._numels)]
+            if aligned != self._aligned:
+                kinds = [(kind, [t for t, a in enumerate(aligned) if a == kind]) for kind in (True, False)]
+                self.launches = [self._launch(kind, tensors) for kind, tensors in kinds if tensors]
+                self._aligned = aligned
+                self.streams = set()  # new chunk tables: not yet used on any stream
+        return table
 
     def tables(self) -> tuple[Tensor, ...]:
-        return (self.tensor_meta, self.chunk_tensor, self.chunk_block, self.step_slots, self._ones)
+        chunks = tuple(t for launch in self.launches for t in (launch.chunk_tensor, launch.chunk_block))
+        return (self.tensor_meta, self.step_slots, self._ones) + chunks
 
     def increment_steps(self, found_inf: Optional[Tensor]) -> None:
         """step += 1 for every tensor of the plan (nothing when found_inf is set), on the device."""
@@ -120,14 +160,15 @@ def run(buckets: Sequence[Any], members: Sequence[Any], grads: Sequence[Tensor],
             scale, inf = scaler_tensors(device, grad_scale, found_inf) if has_scaler else (table, table)
             tables.record_use(plan.streams, plan.tables(), device)
             master = flat.master if flat.master is not None else flat.square_avg
-            kernel[(plan.num_chunks,)](
-                pointers, plan.tensor_meta, plan.chunk_tensor, plan.chunk_block,
-                flat.square_avg, flat.acc_delta, master, flat.steps, table, clip, scale, inf,
-                plan.num_tensors,
-                P_DTYPE=_triton_dtype(key.param_dtype), G_DTYPE=_triton_dtype(bucket.key.grad_dtype),
-                BLOCK=plan.block, VEC=plan.vec, HAS_CLIP=has_clip, HAS_SCALER=has_scaler,
-                MASTER=int(key.master), STOCHASTIC=bucket.key.stochastic,
-                num_warps=tables.NUM_WARPS,
-                enable_fp_fusion=False,  # no FMA contraction: each operation rounded once, as in the reference
-            )
+            for launch in plan.launches:  # one, or two when the bucket mixes aligned and unaligned tensors
+                kernel[(launch.num_chunks,)](
+                    pointers, plan.tensor_meta, launch.chunk_tensor, launch.chunk_block,
+                    flat.square_avg, flat.acc_delta, master, flat.steps, table, clip, scale, inf,
+                    plan.num_tensors,
+                    P_DTYPE=_triton_dtype(key.param_dtype), G_DTYPE=_triton_dtype(bucket.key.grad_dtype),
+                    BLOCK=launch.block, VEC=plan.vec, HAS_CLIP=has_clip, HAS_SCALER=has_scaler,
+                    MASTER=int(key.master), STOCHASTIC=bucket.key.stochastic, ALIGNED=launch.aligned,
+                    num_warps=tables.NUM_WARPS,
+                    enable_fp_fusion=False,  # no FMA contraction: each operation rounded once, as in the reference
+                )
             plan.increment_steps(inf if has_scaler else None)
