@@ -49,6 +49,8 @@ def test_compare_runs_and_writes_report(tmp_path):
     a, b = rows.values()
     assert abs(float(a[4]) - float(b[4])) < 1e-3
     assert "Optimizer step, ours / torch" in report
+    # The path is read after the steps (before the first step there is no route to read).
+    assert "Ours ran on: the fused CPU path" in report
 
 
 def test_compare_bf16_parameters_keep_fp32_state(tmp_path):
