@@ -94,16 +94,6 @@ def _round_stochastic_fp16(x, rnd):
 
 
 @triton.jit
-def _to_float32(x):
-    """float32 from a loaded value; bfloat16 by a bit shift, the exact conversion a GPU makes (the
-    interpreter's conversion flushes bfloat16 subnormals)."""
-    if x.dtype == tl.bfloat16:
-        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    else:
-        return x.to(tl.float32)
-
-
-@triton.jit
 def _join_remainder(high, low):
     """float32 from a bfloat16 parameter (its high half) and the int16 remainder: bits = high << 16 + low."""
     hi = high.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
@@ -172,12 +162,12 @@ def _update_block(
     if MASTER == 2:
         p = _join_remainder(tl.load(p_ptr + idx, mask=mask, other=0.0), tl.load(m_ptr + idx, mask=mask, other=0))
     elif MASTER == 1:
-        p = tl.load(m_ptr + idx, mask=mask, other=0.0)
+        p = tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     else:
-        p = _to_float32(tl.load(p_ptr + idx, mask=mask, other=0.0))
-    g = _to_float32(tl.load(g_ptr + idx, mask=mask, other=0.0))
-    v = _to_float32(tl.load(v_ptr + idx, mask=mask, other=0.0))
-    u = _to_float32(tl.load(u_ptr + idx, mask=mask, other=0.0))
+        p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + idx, mask=mask, other=0.0).to(tl.float32)
 
     g = g * gscale
     if HAS_CLIP:
