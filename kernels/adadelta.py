@@ -73,28 +73,24 @@ def _round_stochastic_bf16(x, rnd):
 
 @triton.jit
 def _round_stochastic_fp16(x, rnd):
-    """float32 -> float16 without bias, through arithmetic that is exact in float32.
+    """float32 -> float16 without bias, on the bit pattern: reference.round_stochastic's float16 branch.
 
-    float16 has 13 fewer mantissa bits than float32 and a smaller exponent range, so the bit trick
-    of bf16 fails below 2^-14; instead |x| is measured in float16 ulps (a power of two taken from
-    the exponent bits), and the fraction above the lower neighbour is compared with the 16-bit
-    uniform draw ``rnd`` (exact odds in the normal range, where the fraction has 13 bits; below,
-    a bias under 2^-17 ulp). Every product below is by a power of two, hence exact, and the final value is a
-    float16 value, so the cast does not round whatever the backend's conversion mode.
+    ``|x| * 2^-112`` moves float16's exponent range onto float32's lowest binades: in the float16
+    normal range it is exact and its bit pattern is ``|x|``'s with the exponent rebiased from 127 to
+    15; below 2^-14 it is a float32 subnormal, in steps of 2^-13 float16 subnormal steps (one
+    rounding to nearest, both paths alike). Either way float16's 10 mantissa bits sit above 13 bits
+    of fraction: add 13 bits of noise there and keep the top, ``(bits + noise) >> 13`` is the float16
+    bit pattern, a carry rounding up into the next binade. ``|x|`` is first clamped to 65504 so that
+    a finite value never rounds up into Inf, and set to 65536 (whose pattern becomes float16's Inf)
+    from 65536 on, as a cast overflows; NaN passes the clamp and ends as the quiet NaN 0x7E00. The
+    sign is kept. The result is assembled bit by bit, so no backend conversion mode is involved.
     """
-    a = tl.abs(x)
-    exp = ((a.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32)
-    ulp_exp = tl.maximum(exp, 113) - 10  # 2^(e-10) in the normal range, 2^-24 (subnormal step) below
-    ulp = (ulp_exp << 23).to(tl.float32, bitcast=True)
-    scaled = a * ((254 - ulp_exp) << 23).to(tl.float32, bitcast=True)
-    whole = tl.floor(scaled)
-    u = ((rnd & 0xFFFF) * 2 + 1).to(tl.float32) * 7.62939453125e-06  # (k + 1/2) / 2^16: the middle of a step
-    mag = tl.where(u < scaled - whole, whole + 1.0, whole) * ulp
-    mag = tl.minimum(mag, 65504.0)  # never round a finite value up into Inf
-    mag = tl.where(a >= 65536.0, float("inf"), mag)  # beyond float16's range: Inf, as a cast
-    bits = mag.to(tl.uint32, bitcast=True) | (x.to(tl.uint32, bitcast=True) & 0x80000000)
-    out = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
-    return out.to(tl.float16)
+    mag = tl.abs(x)
+    mag = tl.where(mag >= 65536.0, 65536.0, tl.minimum(mag, 65504.0, propagate_nan=tl.PropagateNan.ALL))
+    shifted = (mag * 1.925929944387236e-34).to(tl.uint32, bitcast=True)  # 2^-112
+    h = tl.minimum((shifted + ((rnd & 0xFFFF) >> 3)) >> 13, 0x7E00)  # only a NaN's pattern lies above 0x7C00
+    h = h | ((x.to(tl.uint32, bitcast=True) >> 16) & 0x8000)
+    return h.to(tl.uint16).to(tl.float16, bitcast=True)
 
 
 @triton.jit

@@ -141,10 +141,12 @@ def round_stochastic(
     its low 16 bits are used), drawn from ``generator`` when None.
 
     bfloat16: the 16 bits are added to the float32 bit pattern, then the low 16 bits are cleared.
-    float16: ``u = (bits + 1/2) / 2^16`` and ``|x|`` rounds up when ``u < frac``, ``frac`` being its
-    position between the neighbours in float16 ulps (exact in float32; a multiple of 2^-13 in the
-    normal range, so the odds are exact there; in the float16 subnormal range ``frac`` may need more
-    than 16 bits: a bias below 2^-17 ulp). NaN stays NaN and +-Inf stay as they are; a finite value
+    float16: the same on the bit pattern of ``|x| * 2^-112``, which holds float16's bits above 13
+    bits of fraction: its top 13 noise bits are added there and the top bits kept. In float16's
+    normal range the product is exact (``|x|`` with the exponent rebiased), so the odds are exact;
+    below 2^-14 it is a float32 subnormal, ``|x|`` rounded to nearest in steps of 2^-13 float16
+    ulp before the draw (a bias below 2^-14 ulp, 2^-38 in value). NaN stays NaN (float16's quiet
+    NaN, sign kept) and +-Inf stay as they are; a finite value
     is never rounded up into Inf (it saturates at the largest finite value), but float16 overflow
     (|x| >= 65536, outside every float16 binade) is +-Inf as in a plain cast. Signed zeros keep
     their sign. Other dtypes: a plain cast.
@@ -164,16 +166,14 @@ def round_stochastic(
         rounded = torch.where((rounded & 0x7FFFFFFF) > 0x7F7F0000, sign | 0x7F7F0000, rounded)
         out = _float_from_u32(rounded)
     else:
-        a = x.abs()
-        # The float16 ulp at |x| as a power of two: 2^(e - 10) in the normal range, 2^-24 below it.
-        ulp_exp = torch.clamp((a.view(torch.int32) >> 23) & 0xFF, min=113) - 10
-        ulp = (ulp_exp << 23).view(torch.float32)
-        scaled = a * ((254 - ulp_exp) << 23).view(torch.float32)  # |x| / ulp, exact
-        whole = scaled.floor()
-        u = (bits * 2 + 1).to(torch.float32) * 2.0**-17  # the middle of the draw's 2^-16 step
-        mag = torch.where(u < scaled - whole, whole + 1, whole) * ulp
-        mag = torch.where(a >= 65536.0, float("inf"), mag.clamp(max=_FP16_MAX))
-        out = _float_from_u32((mag.view(torch.int32).to(torch.int64) & _U32) | sign)
+        # |x| * 2^-112: float16's exponent range on float32's lowest binades (exact in float16's normal
+        # range, float32 subnormals in steps of 2^-13 float16 ulp below it); 13 noise bits below
+        # float16's mantissa, then the top bits are the float16 bit pattern (the kernel's _round_stochastic_fp16).
+        mag = x.abs()
+        mag = torch.where(mag >= 65536.0, 65536.0, mag.clamp(max=_FP16_MAX))  # NaN stays NaN
+        shifted = (mag * 2.0**-112).view(torch.int32).to(torch.int64) & _U32
+        half = ((shifted + (bits >> 3)) >> 13).clamp(max=0x7E00) | ((xb >> 16) & 0x8000)  # above Inf: NaN
+        return torch.where(half >= 0x8000, half - 0x10000, half).to(torch.int16).view(torch.float16)
     return torch.where(finite, out, x).to(dtype)  # every finite ``out`` is exact in ``dtype``
 
 
