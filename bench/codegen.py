@@ -119,7 +119,13 @@ def cover(variants: list[Variant], pairs: bool = True) -> list[Variant]:
     return list(chosen)
 
 
-BLOCKS = {True: _tables.UPDATE_BLOCK, False: _tables.UPDATE_BLOCK_UNALIGNED}
+# --block / --block-unaligned override the host's rule (tables.update_block) for experiments.
+BLOCK_OVERRIDE: dict[bool, int] = {}
+
+
+def block_of(v: Variant) -> int:
+    """Elements a program, as the host launches ``v``."""
+    return BLOCK_OVERRIDE.get(v.aligned) or _tables.update_block(v.aligned, v.stochastic)
 
 
 def _kernel_params() -> tuple[Any, list[str], set[str]]:
@@ -142,7 +148,7 @@ def compile_variant(v: Variant, arch: int) -> Any:
     master_type = {MASTER_NONE: v.s, MASTER_FP32: "fp32", MASTER_REMAINDER: "i16"}[v.master]
     pointer = {"param_table": "i64", "tensor_meta": "i64", "chunk_tensor": "i32", "chunk_block": "i32",
                "square_avg": v.s, "acc_delta": v.s, "master": master_type}
-    values = {"P_DTYPE": tl_dtype[v.p], "G_DTYPE": tl_dtype[v.g], "BLOCK": BLOCKS[v.aligned],
+    values = {"P_DTYPE": tl_dtype[v.p], "G_DTYPE": tl_dtype[v.g], "BLOCK": block_of(v),
               "VEC": 16 // min(2 if v.p != "fp32" else 4, 2 if v.g != "fp32" else 4),
               "HAS_CLIP": v.clip, "HAS_SCALER": v.scaler, "MASTER": v.master, "STOCHASTIC": v.stochastic,
               "ALIGNED": v.aligned}
@@ -284,7 +290,7 @@ def measure(v: Variant, arch: int, sass_count: bool = True) -> Row:
     # SASS lines look like "/*0040*/   IMAD.MOV.U32 R1, RZ, RZ, c[0x0][0x28] ;"; NOPs pad the end.
     instructions = [ln for ln in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+\S", ln)
                     and " NOP" not in ln]
-    per_thread = BLOCKS[v.aligned] // (32 * _NUM_WARPS)
+    per_thread = block_of(v) // (32 * _NUM_WARPS)
     table = pointer_table_accesses(ptx)
     return Row(v, registers, spills, occupancy(registers),
                len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)), len(re.findall(r"st\.global(?:\.\w+)*\.v4", ptx)),
@@ -310,8 +316,10 @@ def main() -> None:
     ap.add_argument("--block", type=int, help="elements a program for aligned tensors (default: the host's)")
     ap.add_argument("--block-unaligned", type=int, help="the same for unaligned tensors")
     args = ap.parse_args()
-    BLOCKS[True] = args.block or BLOCKS[True]
-    BLOCKS[False] = args.block_unaligned or BLOCKS[False]
+    if args.block:
+        BLOCK_OVERRIDE[True] = args.block
+    if args.block_unaligned:
+        BLOCK_OVERRIDE[False] = args.block_unaligned
     variants = launchable()
     if not _has_aligned_specialisation():  # a kernel with both branches in one compile (before issue 14)
         variants = [v for v in variants if v.aligned]
@@ -325,8 +333,10 @@ def main() -> None:
             fields["variant"] = v._asdict()
             print(json.dumps(fields), flush=True)
         return
-    print(f"# triton {triton.__version__}, torch {torch.__version__}, sm_{args.arch}, BLOCK={BLOCKS[True]} "
-          f"(unaligned {BLOCKS[False]}), "
+    print(f"# triton {triton.__version__}, torch {torch.__version__}, sm_{args.arch}, "
+          f"BLOCK={BLOCK_OVERRIDE.get(True, _tables.UPDATE_BLOCK)} "
+          f"(unaligned {BLOCK_OVERRIDE.get(False, _tables.UPDATE_BLOCK_UNALIGNED)}; "
+          f"{_tables.UPDATE_BLOCK} with stochastic rounding), "
           f"{_NUM_WARPS} warps, {len(variants)} variants"
           + ("" if _has_aligned_specialisation() else " (each compile holds both the aligned and unaligned branch)"))
     print("| variant | regs | spill B | H100 occ. | ld.v4 | st.v4 | p/g vector/all | SASS/elem | compile s |")

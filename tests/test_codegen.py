@@ -94,7 +94,7 @@ def test_aligned_accesses_are_128_bit_and_unaligned_ones_scalar(compiled, arch):
     all 128-bit in the aligned specialisation, none vectorised in the unaligned one."""
     for row in compiled[arch]:
         v = _variant(row)
-        per_thread = codegen.BLOCKS[v.aligned] // (32 * 4)
+        per_thread = codegen.block_of(v) // (32 * 4)
         if v.aligned:
             assert row["table_accesses"] > 0 and row["table_v4_accesses"] == row["table_accesses"], (v.label, row)
             assert row["ld_v4"] > 0 and row["st_v4"] > 0
@@ -175,3 +175,25 @@ def test_a_tensor_moving_to_a_misaligned_address_changes_launch(monkeypatch):
     params[1].grad = storage[1:]
     opt.step()
     assert _plan_launches(opt) == [(True, [0]), (False, [1])]
+
+
+@needs_kernel
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+def test_unaligned_launch_block_follows_the_hosts_rule(stochastic):
+    """The unaligned launch takes 512 elements a program, or 1024 when it rounds stochastically (one
+    Philox call per thread serves its eight elements); the compiled variants the budget checks are
+    compiled with the same rule (codegen.block_of)."""
+    from triton_adadelta.backends import tables
+
+    params = make_params([(2 * 1024 + 3,), (5,)], torch.bfloat16, KERNEL_DEVICE, seed=16)  # odd sizes: unaligned
+    opt = Adadelta(params, fused=True, stochastic_rounding=stochastic)
+    set_grads(params, random_grads(params, seed=32))
+    opt.step()
+    (plan,) = opt._plans.values()
+    (launch,) = plan.launches
+    expected = 1024 if stochastic else 512
+    assert not launch.aligned and launch.block == expected == tables.update_block(False, stochastic)
+    # Three programs for the tensor of 2051 elements at 1024, five at 512; one for the tensor of 5.
+    assert launch.num_chunks == (3 + 1 if stochastic else 5 + 1)
+    assert codegen.block_of(codegen.Variant("bf16", "bf16", "fp32", codegen.MASTER_NONE, stochastic, False, False,
+                                            False)) == expected

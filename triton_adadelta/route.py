@@ -292,7 +292,7 @@ def build(param_groups: list[dict[str, Any]], store: Any, plans: dict, sig: Opti
         if plan is None:
             vec = 16 // min(bkey.state.param_dtype.itemsize, bkey.grad_dtype.itemsize)  # elements in 128 bits
             with tables.device_guard(bkey.state.device):  # its tables go up on that device's current stream
-                plan = plans[plan_key] = LaunchPlan(store.flats[bkey.state], params, groups, vec)
+                plan = plans[plan_key] = LaunchPlan(store.flats[bkey.state], params, groups, vec, bkey.stochastic)
         plain = all(type(p) in PLAIN and type(p.grad) in PLAIN and not p.is_complex() for p in params)
         buckets.append(Bucket(bkey, idx, plan, plain, params, idx == list(range(len(members)))))
     launches: list[Optional[BucketKey]] = [None] * len(members)

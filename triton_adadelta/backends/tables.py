@@ -16,15 +16,24 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["UPDATE_BLOCK", "UPDATE_BLOCK_UNALIGNED", "NORM_BLOCK", "NUM_WARPS", "ChunkTable", "PointerTable",
-           "chunk_table", "current_stream", "device_guard",
-           "record_use", "upload", "upload_into", "refuse_during_capture"]
+__all__ = ["UPDATE_BLOCK", "UPDATE_BLOCK_UNALIGNED", "update_block", "NORM_BLOCK", "NUM_WARPS", "ChunkTable",
+           "PointerTable", "chunk_table", "current_stream", "device_guard", "record_use", "upload", "upload_into",
+           "refuse_during_capture"]
 
 #: The launch constants of both kernels, in one place. The update: elements a program; 8 a thread with
 #: 4 warps keeps every variant within 128 registers (issue 14, bench/codegen.py); the unaligned
 #: specialisation's scalar accesses take more registers, so 4 there. The norms: a block of their chunks.
 UPDATE_BLOCK = 1024
 UPDATE_BLOCK_UNALIGNED = 512
+
+
+def update_block(aligned: bool, stochastic: bool) -> int:
+    """Elements a program of the update kernel handles: ``UPDATE_BLOCK`` (8 a thread) for aligned
+    tensors; ``UPDATE_BLOCK_UNALIGNED`` (4 a thread) for the others, whose scalar accesses cost more
+    registers per element, except with stochastic rounding, where 8 a thread let one Philox call serve
+    all of a thread's elements (those variants stay under 128 registers; the defaults under 80)."""
+    return UPDATE_BLOCK if aligned or stochastic else UPDATE_BLOCK_UNALIGNED
+
 NORM_BLOCK = 2048
 NUM_WARPS = 4
 

@@ -68,10 +68,10 @@ class LaunchPlan:
     """
 
     def __init__(self, flat: FlatState, params: list[Tensor], groups: list[int], vec: int,
-                 block: int = tables.UPDATE_BLOCK, unaligned_block: int = tables.UPDATE_BLOCK_UNALIGNED) -> None:
+                 stochastic: bool = False) -> None:
         device = flat.key.device
         self.flat = flat
-        self.blocks = {True: block, False: unaligned_block}
+        self.blocks = {aligned: tables.update_block(aligned, stochastic) for aligned in (True, False)}
         self.vec = vec  # elements in 128 bits for this bucket's narrower dtype (parameter or gradient)
         self.num_tensors = len(params)
         self._numels = [real_view(local(p)).numel() for p in params]
