@@ -454,9 +454,9 @@ def _worker(rank: int, port: int, example_ports: dict, tmp: str) -> None:
         json.dump(results, f)
     # The examples' models still hold their destroyed gloo groups. Freeing one (or finalising the
     # interpreter) can deadlock or abort inside torch 2.13's gloo teardown: a worker thread that still
-    # owns Python objects waits for the GIL the freeing thread holds (about one run in four here,
-    # with torch.optim.Adadelta too; pytorch/pytorch#190489 reports the abort). Every result is
-    # on disk by now, so the rank leaves without tearing anything down.
+    # owns Python objects waits for the GIL the freeing thread holds (8 runs of this file in 30
+    # hung so; pytorch/pytorch#190489 reports the abort). Every result is on disk by now, so the
+    # rank leaves without tearing anything down.
     _leave_now()
 
 
