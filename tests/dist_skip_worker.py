@@ -7,7 +7,6 @@ Each rank checks its shards against a single-process run on plain tensors; exit 
 
 from __future__ import annotations
 
-import faulthandler
 import os
 import socket
 import sys
@@ -15,6 +14,7 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import leave_rank, watch_rank
 
 SHAPES = [(6,), (5, 3)]
 
@@ -35,7 +35,7 @@ def _run(params, opt, to_param) -> None:
 
 
 def _rank(rank: int, port: int) -> None:
-    faulthandler.dump_traceback_later(300, exit=True)  # a hung rank prints its stacks and exits
+    watch_rank(300)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
@@ -59,12 +59,7 @@ def _rank(rank: int, port: int) -> None:
             assert float(opt.state[p]["step"]) == 2
     finally:
         dist.destroy_process_group()
-    # Checks passed. Leave without destructors: torch 2.13's gloo can abort ("terminate called without
-    # an active exception") or deadlock while the DTensors and the mesh release the destroyed group
-    # at interpreter exit (a few runs in a hundred here; pytorch/pytorch#190489).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_rank()  # the checks passed; the DTensors and the mesh still hold the destroyed group
 
 
 def main() -> None:

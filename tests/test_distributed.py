@@ -9,12 +9,10 @@ of the same model and data made in the same process. Kernel runs use the Triton 
 
 from __future__ import annotations
 
-import faulthandler
 import json
 import os
 import re
 import socket
-import sys
 import time
 import traceback
 from datetime import timedelta
@@ -23,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import leave_rank, watch_rank
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
@@ -33,13 +32,6 @@ STEPS = 4
 BATCH = 8  # split evenly: the mean of the ranks' mean losses is the full batch's mean loss
 RANK_TIMEOUT_S = 300  # a whole run takes about 10 s
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "distributed.md"
-
-
-def _leave_now() -> None:
-    """End a rank process at once, exit status 0, without running destructors (see _worker)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def _free_port() -> int:
@@ -396,8 +388,7 @@ def _roundtrip(sd):
 
 
 def _worker(rank: int, port: int, example_ports: dict, tmp: str) -> None:
-    # A rank that hangs prints every thread's stack and exits, so the test fails with the place.
-    faulthandler.dump_traceback_later(RANK_TIMEOUT_S, exit=True)
+    watch_rank(RANK_TIMEOUT_S)
     os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors: the kernel runs in the interpreter
     # These ranks are CPU-only (gloo), also on a GPU machine, where the docs examples would pick NCCL.
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -431,7 +422,7 @@ def _worker(rank: int, port: int, example_ports: dict, tmp: str) -> None:
 
     def example(name):
         ns, workdir = _run_example(rank, name, _doc_examples()[name], example_ports[name], tmp)
-        kept.append(ns)  # see the end of this function
+        kept.append(ns)  # never freed in this process: see helpers.leave_rank
         if name == "fsdp2":
             # The resumed optimizer holds exactly the state that was trained and saved.
             a, b = ns["opt"], ns["opt2"]
@@ -452,12 +443,7 @@ def _worker(rank: int, port: int, example_ports: dict, tmp: str) -> None:
 
     with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
-    # The examples' models still hold their destroyed gloo groups. Freeing one (or finalising the
-    # interpreter) can deadlock or abort inside torch 2.13's gloo teardown: a worker thread that still
-    # owns Python objects waits for the GIL the freeing thread holds (8 runs of this file in 30
-    # hung so; pytorch/pytorch#190489 reports the abort). Every result is on disk by now, so the
-    # rank leaves without tearing anything down.
-    _leave_now()
+    leave_rank()  # every result is on disk; the kept examples still hold their destroyed groups
 
 
 # ---------------------------------------------------------------------------------------- the tests
